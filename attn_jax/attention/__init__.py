@@ -1,0 +1,33 @@
+"""attn_jax.attention: attention as pure JAX functions (no Flax), and the registry.
+
+Dimension key: B batch, T query length, S key/value length, N query heads, K kv heads
+(N % K == 0), H q/k head dim, Hv value head dim, D model dim. Arrays are [B, T, N, H].
+"""
+
+from attn_jax.attention.api import IMPLEMENTATIONS, default_implementation, dot_product_attention
+from attn_jax.attention.biases import AlibiBias, ScoreBias, alibi_slopes
+from attn_jax.attention.masks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    AndMask,
+    BlockSparseMask,
+    CausalMask,
+    ChunkedCausalMask,
+    FullMask,
+    LocalMask,
+    Mask,
+    OrMask,
+    PrefixLMMask,
+    SegmentMask,
+    sliding_window,
+)
+from attn_jax.attention.reference import attention_reference
+from attn_jax.attention.xla import blocked_attention
+
+__all__ = [
+    "EMPTY", "FULL", "IMPLEMENTATIONS", "PARTIAL", "AlibiBias", "AndMask", "BlockSparseMask",
+    "CausalMask", "ChunkedCausalMask", "FullMask", "LocalMask", "Mask", "OrMask",
+    "PrefixLMMask", "ScoreBias", "SegmentMask", "alibi_slopes", "attention_reference",
+    "blocked_attention", "default_implementation", "dot_product_attention", "sliding_window",
+]

@@ -1,0 +1,93 @@
+"""The front door of softmax attention: one function, several implementations.
+
+Dimension key: B batch, T query length, S key/value length, N query heads, K kv heads
+(N % K == 0), H q/k head dim, Hv value head dim.
+"""
+
+import jax
+from jaxtyping import Array, Float
+
+from attn_jax.attention import _checks
+from attn_jax.attention import reference as reference_lib
+from attn_jax.attention import xla as xla_lib
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret")
+_PALLAS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
+
+
+def default_implementation(backend: str | None = None) -> str:
+  """The implementation ``implementation=None`` picks on ``backend`` (default: jax's).
+
+  Until the Pallas flash kernels land, every backend uses the blocked pure-JAX path.
+  """
+  del backend
+  return "xla"
+
+
+def dot_product_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
+    *,
+    mask=None,
+    bias=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: Float[Array, " N"] | None = None,
+    implementation: str | None = None,
+    return_lse: bool = False,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+):
+  """Softmax attention ``softmax(softcap(scale·q·kᵀ) + bias, masked) · v``.
+
+  Args:
+    q: queries ``[B, T, N, H]``.
+    k: keys ``[B, S, K, H]``; query head n reads kv head ``n // (N // K)`` (GQA/MQA).
+    v: values ``[B, S, K, Hv]``.
+    mask: a ``masks.Mask`` (``CausalMask()``, ``LocalMask(l, r)``, ``SegmentMask(...)``, ...
+      combined with ``&`` / ``|``), or None for full attention. Queries are aligned
+      bottom-right: query i sits at position ``i + S - T``.
+    bias: additive logit bias, a float array broadcastable to ``[B, N, T, S]`` (rank 4,
+      each dim 1 or full; differentiable) or a ``biases.ScoreBias`` computed in-tile.
+    scale: logit scale; default ``1/sqrt(H)``.
+    softcap: c in ``c·tanh(s/c)``, applied before bias and mask; None for no cap.
+    sinks: per-head sink logits ``[N]`` entering only the softmax denominator.
+    implementation: ``"reference"`` (naive oracle), ``"xla"`` (blocked, memory-efficient,
+      skips empty blocks), ``"pallas_tpu"``, ``"pallas_gpu"``, ``"pallas_interpret"``,
+      or None for the best on the current backend. An explicit name is never replaced.
+    return_lse: also return the per-row log-sum-exp ``[B, N, T]`` (float32).
+    block_q, block_kv: tile sizes for the blocked paths (defaults tuned per backend).
+
+  Returns:
+    ``[B, T, N, Hv]`` in q's dtype, and the lse when ``return_lse``. Fully masked rows
+    give 0 and lse = -inf.
+  """
+  if implementation is None:
+    implementation = default_implementation(jax.default_backend())
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None; got "
+                     f"{implementation!r}")
+  if implementation in _PALLAS:
+    raise NotImplementedError(
+        f"implementation={implementation!r}: the Pallas flash-attention kernels are not "
+        "built yet in attn_jax; use implementation='xla' (blocked, memory-efficient) or "
+        "'reference'.")
+  if implementation == "reference":
+    if block_q is not None or block_kv is not None:
+      raise ValueError("block_q / block_kv apply to blocked implementations; the 'reference' "
+                       f"implementation takes none (got block_q={block_q}, "
+                       f"block_kv={block_kv})")
+    return reference_lib.attention_reference(
+        q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks,
+        return_lse=return_lse)
+  blocks = {}
+  if block_q is not None:
+    _checks.check_block_size("block_q", block_q)
+    blocks["block_q"] = block_q
+  if block_kv is not None:
+    _checks.check_block_size("block_kv", block_kv)
+    blocks["block_kv"] = block_kv
+  return xla_lib.blocked_attention(
+      q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks,
+      return_lse=return_lse, **blocks)

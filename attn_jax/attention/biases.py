@@ -1,0 +1,89 @@
+"""Score-bias functions: additive logit biases computed from (head, q_pos, kv_pos) in-tile.
+
+A dense bias tensor costs B·N·T·S memory; a bias that is a function of positions costs
+nothing. Fast paths call ``bias(heads, q_pos, kv_pos)`` on each tile, so a ``ScoreBias``
+must be a pure function of its arguments and its pytree leaves (its parameters, which
+receive gradients like any other input).
+
+Dimension key: N query heads, n a subset of heads, tq / tk tile lengths.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+
+class ScoreBias:
+  """Base class: ``__call__(heads [n], q_pos [tq], kv_pos [tk]) -> [n, tq, tk]`` float."""
+
+  num_heads: int
+
+  def __call__(self, heads: Int[Array, " n"], q_pos: Int[Array, " tq"],
+               kv_pos: Int[Array, " tk"]) -> Float[Array, "n tq tk"]:
+    raise NotImplementedError
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi head slopes: 2^(-8n/N) for n = 1..N, with the paper's recipe for N not a power of 2.
+
+  For N not a power of two, the slopes of the nearest lower power of two P are followed by
+  every other slope of 2P (from "Train Short, Test Long: Attention with Linear Biases
+  Enables Input Length Extrapolation").
+  """
+  if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    raise ValueError(f"num_heads must be an int >= 1; got {num_heads!r}")
+
+  def geometric(n):
+    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+  p = 2 ** int(math.floor(math.log2(num_heads)))
+  slopes = geometric(p)
+  if p < num_heads:
+    slopes += geometric(2 * p)[0::2][: num_heads - p]
+  return np.asarray(slopes, np.float32)
+
+
+@jax.tree_util.register_pytree_node_class
+class AlibiBias(ScoreBias):
+  """ALiBi bias ``m_n · (j − i)`` (non-positive for the causal keys j <= i).
+
+  From "Train Short, Test Long: Attention with Linear Biases Enables Input Length
+  Extrapolation". ``slopes`` is a float array ``[N]`` (a pytree leaf, so it can be learned);
+  ``AlibiBias.default(N)`` uses the paper's geometric slopes. Meant for causal attention:
+  for keys after the query the bias is positive (use a causal mask).
+  """
+
+  def __init__(self, slopes):
+    dtype = getattr(slopes, "dtype", None)
+    if dtype is None or jnp.ndim(slopes) != 1 or not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError("AlibiBias slopes must be a float array of shape [N]; got "
+                       f"{type(slopes).__name__} shape={jnp.shape(slopes)} dtype={dtype}")
+    self.slopes = slopes
+
+  @classmethod
+  def default(cls, num_heads: int) -> "AlibiBias":
+    return cls(jnp.asarray(alibi_slopes(num_heads)))
+
+  @property
+  def num_heads(self) -> int:
+    return jnp.shape(self.slopes)[0]
+
+  def __call__(self, heads, q_pos, kv_pos):
+    slope = jnp.take(self.slopes, heads)[:, None, None]
+    distance = (kv_pos[None, None, :] - q_pos[None, :, None]).astype(slope.dtype)
+    return slope * distance
+
+  def tree_flatten(self):
+    return (self.slopes,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.slopes = children[0]
+    return obj
+
+  def __repr__(self):
+    return f"AlibiBias(slopes{jnp.shape(self.slopes)})"

@@ -1,0 +1,260 @@
+"""The mechanism registry: every attention mechanism of attn_jax, listed once.
+
+Ids are the catalog ids. Configs select mechanisms by id; tests and docs enumerate this
+registry. A mechanism not in the registry does not exist.
+
+Each entry declares which of the four self/cross x causal/non-causal patterns it supports
+(``PATTERNS``). ``run`` calls an entry on given q/k/v in a pattern; an undeclared pattern
+raises instead of silently computing something else. ``build`` makes the entry's options
+(masks, biases, sinks, ...) for a call of given sizes, deterministically from a PRNG key.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.attention import _checks
+from attn_jax.attention import biases as biases_lib
+from attn_jax.attention import masks as masks_lib
+
+SELF, SELF_CAUSAL, CROSS, CROSS_CAUSAL = "self", "self_causal", "cross", "cross_causal"
+PATTERNS = (SELF, SELF_CAUSAL, CROSS, CROSS_CAUSAL)
+ALL_PATTERNS = frozenset(PATTERNS)
+CAUSAL_PATTERNS = frozenset((SELF_CAUSAL, CROSS_CAUSAL))
+
+SOFTMAX_IMPLEMENTATIONS = ("reference", "xla")
+_DOT_PRODUCT = "attn_jax.attention.api:dot_product_attention"
+
+
+def pattern_name(*, causal: bool, cross: bool) -> str:
+  return (CROSS if cross else SELF) + ("_causal" if causal else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """One registry entry.
+
+  Attributes:
+    id: the catalog id.
+    family: catalog family letter ("a" .. "k").
+    paper: exact paper title (or the baseline's title).
+    entry_point: "module:function" of the functional API.
+    implementations: implementation names the entry point serves.
+    patterns: subset of PATTERNS the entry supports.
+    decode: incremental decoding (T=1 against a cache) equals the full computation.
+    tier: catalog tier.
+    check: the catalog property the tests assert for this entry.
+    build: ``build(key, dims, causal) -> kwargs`` for the entry point.
+    module: dotted path of the Flax NNX module, or None until one exists.
+  """
+
+  id: str
+  family: str
+  paper: str
+  entry_point: str
+  implementations: tuple[str, ...]
+  patterns: frozenset
+  decode: bool
+  tier: int
+  check: str
+  build: Callable[..., dict] = dataclasses.field(repr=False, compare=False)
+  module: str | None = None
+
+  @property
+  def causal(self) -> bool:
+    return bool(self.patterns & CAUSAL_PATTERNS)
+
+  def function(self) -> Callable:
+    mod, name = self.entry_point.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+  def as_json(self) -> dict[str, Any]:
+    return {
+        "id": self.id, "family": self.family, "paper": self.paper,
+        "entry_point": self.entry_point, "implementations": list(self.implementations),
+        "patterns": [p for p in PATTERNS if p in self.patterns], "causal": self.causal,
+        "decode": self.decode, "tier": self.tier, "check": self.check, "module": self.module,
+    }
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+  if mechanism.id in _REGISTRY:
+    raise ValueError(f"mechanism id {mechanism.id!r} is already registered")
+  bad = set(mechanism.patterns) - ALL_PATTERNS
+  if bad or not mechanism.patterns:
+    raise ValueError(f"{mechanism.id}: patterns must be a non-empty subset of {PATTERNS}; "
+                     f"got {sorted(mechanism.patterns)}")
+  _REGISTRY[mechanism.id] = mechanism
+  return mechanism
+
+
+def get(mechanism_id: str) -> Mechanism:
+  try:
+    return _REGISTRY[mechanism_id]
+  except KeyError:
+    raise ValueError(f"unknown attention mechanism {mechanism_id!r}; registered ids: "
+                     f"{sorted(_REGISTRY)}") from None
+
+
+def all_mechanisms() -> list[Mechanism]:
+  return list(_REGISTRY.values())
+
+
+def run(mechanism_id: str, q, k, v, *, causal: bool, cross: bool = False, key=None,
+        implementation: str | None = None, **overrides):
+  """Runs a registered mechanism on q/k/v in one of the four patterns.
+
+  Args:
+    mechanism_id: a registry id.
+    q, k, v: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``.
+    causal: causal (bottom-right aligned) or not.
+    cross: cross-attention (keys from another sequence). Self-attention needs S == T.
+    key: PRNG key for options the entry draws (segment ids, bias, sinks); default key 0.
+    implementation: passed to the entry point.
+    overrides: replace options that ``build`` makes.
+
+  Raises:
+    ValueError: the pattern is not declared by the entry, or S != T for self-attention.
+  """
+  mech = get(mechanism_id)
+  dims = _checks.check_qkv(q, k, v)
+  pattern = pattern_name(causal=causal, cross=cross)
+  if not cross and dims.S != dims.T:
+    raise ValueError(f"self-attention needs S == T; got T={dims.T}, S={dims.S} (pass "
+                     "cross=True for cross-attention)")
+  if pattern not in mech.patterns:
+    raise ValueError(f"mechanism {mech.id!r} does not support the {pattern!r} pattern; it "
+                     f"supports {[p for p in PATTERNS if p in mech.patterns]}")
+  key = jax.random.key(0) if key is None else key
+  kwargs = mech.build(key, dims, causal)
+  kwargs.update(overrides)
+  return mech.function()(q, k, v, implementation=implementation, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Builders: options for a call of given dims (deterministic in the key; parameters that do
+# not depend on T/S, like sinks or slopes, are the same for every length so decoding and
+# full runs agree).
+# ---------------------------------------------------------------------------------------
+
+WINDOW = 8
+CHUNK = 8
+PREFIX = 5
+
+
+def _causal_or_none(causal):
+  return masks_lib.CausalMask() if causal else None
+
+
+def _and(a, b):
+  return b if a is None else (a if b is None else a & b)
+
+
+def _build_plain(key, dims, causal):
+  return {"mask": _causal_or_none(causal)}
+
+
+def _build_window(key, dims, causal):
+  if causal:
+    return {"mask": masks_lib.sliding_window(WINDOW)}
+  return {"mask": masks_lib.LocalMask(WINDOW - 1, WINDOW - 1)}
+
+
+def _build_chunked(key, dims, causal):
+  return {"mask": masks_lib.ChunkedCausalMask(CHUNK)}
+
+
+def _build_prefix(key, dims, causal):
+  return {"mask": masks_lib.PrefixLMMask(PREFIX)}
+
+
+def random_segment_ids(key, batch: int, length: int, num_segments: int = 3):
+  """Sorted ids in [1, num_segments] ([B, length]): packed documents, no padding."""
+  ids = jax.random.randint(key, (batch, length), 1, num_segments + 1)
+  return jnp.sort(ids, axis=-1).astype(jnp.int32)
+
+
+def _build_segment(key, dims, causal):
+  kq, kk = jax.random.split(key)
+  q_ids = random_segment_ids(kq, dims.B, dims.T)
+  kv_ids = q_ids if dims.S == dims.T else random_segment_ids(kk, dims.B, dims.S)
+  return {"mask": _and(masks_lib.SegmentMask(q_ids, kv_ids), _causal_or_none(causal))}
+
+
+def _build_bias(key, dims, causal):
+  bias = jax.random.normal(key, (dims.B, dims.N, dims.T, dims.S), jnp.float32)
+  return {"mask": _causal_or_none(causal), "bias": bias}
+
+
+def _build_alibi(key, dims, causal):
+  return {"mask": masks_lib.CausalMask(), "bias": biases_lib.AlibiBias.default(dims.N)}
+
+
+def _build_softcap(key, dims, causal):
+  return {"mask": _causal_or_none(causal), "softcap": 2.0}
+
+
+def _build_sinks(key, dims, causal):
+  return {"mask": _causal_or_none(causal),
+          "sinks": jax.random.normal(key, (dims.N,), jnp.float32)}
+
+
+def _softmax_entry(id, paper, build, patterns, decode, check, tier=1):
+  return register(Mechanism(
+      id=id, family="a", paper=paper, entry_point=_DOT_PRODUCT,
+      implementations=SOFTMAX_IMPLEMENTATIONS, patterns=patterns, decode=decode, tier=tier,
+      check=check, build=build))
+
+
+_softmax_entry(
+    "mha", "Attention Is All You Need (baseline: scaled dot-product multi-head attention)",
+    _build_plain, ALL_PATTERNS, True,
+    "blocked equals the oracle at awkward sizes (fp32, bf16); non-causal output invariant to "
+    "permuting (k, v) pairs jointly")
+_softmax_entry(
+    "causal", "Causal mask (baseline; causality test of CAB: Comprehensive Attention "
+    "Benchmarking on Long Sequence Modeling)", _build_plain, CAUSAL_PATTERNS, True,
+    "output at i equal from the full sequence, from the prefix [0, i], and by decoding")
+_softmax_entry(
+    "cross_patterns", "CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling",
+    _build_plain, ALL_PATTERNS, True,
+    "every entry runs its declared patterns against the oracle and raises on the others; "
+    "S = 1 and S >> T work")
+_softmax_entry(
+    "sliding_window", "Local / sliding-window mask (baseline)", _build_window, ALL_PATTERNS,
+    True, "w >= T equals causal; w = 1 returns v_i; work grows linearly in T for fixed w")
+_softmax_entry(
+    "chunked_causal", "Chunked (block-diagonal) causal attention (baseline)", _build_chunked,
+    CAUSAL_PATTERNS, True, "c >= T equals causal; c = 1 returns v_i")
+_softmax_entry(
+    "segment", "Segment / document masking for packed sequences (baseline)", _build_segment,
+    ALL_PATTERNS, False,
+    "a packed batch equals each document run alone; padding-id rows return zeros")
+_softmax_entry(
+    "prefix_lm", "Prefix-LM mask (baseline)", _build_prefix, CAUSAL_PATTERNS, True,
+    "P = 0 equals causal; P = T equals non-causal attention")
+_softmax_entry(
+    "bias", "Additive attention bias (baseline); Cones 2: Customizable Image Synthesis with "
+    "Multiple Subjects", _build_bias, ALL_PATTERNS, False,
+    "bias gradient equals the oracle; a -inf bias equals masking; a per-row constant bias "
+    "changes nothing")
+_softmax_entry(
+    "alibi", "Train Short, Test Long: Attention with Linear Biases Enables Input Length "
+    "Extrapolation", _build_alibi, CAUSAL_PATTERNS, True,
+    "slope 0 equals causal; the in-tile bias equals the dense bias tensor; shifting all "
+    "positions changes nothing")
+_softmax_entry(
+    "softcap", "Gemma 2: Improving Open Language Models at a Practical Size (logit "
+    "soft-capping)", _build_softcap, ALL_PATTERNS, True,
+    "c -> inf equals plain attention; capped logits lie in (-c, c); gradient equals the oracle")
+_softmax_entry(
+    "sinks", "Efficient Streaming Language Models with Attention Sinks (sink logit, "
+    "off-by-one softmax)", _build_sinks, ALL_PATTERNS, True,
+    "sigma -> -inf equals softmax; equals the oracle with one extra zero-value key of logit "
+    "sigma; row sums in (0, 1)")
