@@ -28,7 +28,7 @@ EXTRAS = {
         "pytest-xdist>=3.8",
         "hypothesis>=6.150",
         "ruff>=0.17",
-        "typeguard>=4.6",
+        "beartype>=0.22",
     ],
     # PyTorch's CPU SDPA as a benchmark peer (2.13.0 is the CPU build this machine ships).
     "bench": ["torch==2.13.0"],

@@ -105,16 +105,21 @@ class Mask:
                   q_offset: int | None = None):
     """EMPTY / PARTIAL / FULL per (q-block, kv-block): int8 ``[nQ, nK]`` or ``[B, nQ, nK]``.
 
-    Static masks return a cached host numpy array; batched masks a jax array.
+    Masks without arrays return a cached host numpy array; masks holding arrays a jax array.
     """
     for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
                         ("block_kv", block_kv)):
       _check_int(name, value, minimum=1)
     if q_offset is None:
       q_offset = kv_len - q_len
-    if self.batched:
+    if self.holds_arrays:
       return self._block_kinds_impl(q_len, kv_len, block_q, block_kv, q_offset, jnp)
     return _cached_static_block_kinds(self, q_len, kv_len, block_q, block_kv, q_offset)
+
+  @property
+  def holds_arrays(self) -> bool:
+    """True when the mask carries arrays (possibly traced): block maps use jax.numpy."""
+    return bool(jax.tree_util.tree_leaves(self))
 
   def block_lists(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
                   q_offset: int | None = None):
@@ -122,8 +127,8 @@ class Mask:
 
     Returns ``(kv_count [.., nQ], kv_index [.., nQ, M], kv_full [.., nQ, M])``: the number
     of non-empty kv blocks, their indices in increasing order (padded by repeating the last
-    one, or 0), and whether each listed block is FULL. M is the largest count for static
-    masks (numpy) and nK for batched masks (jax arrays, shapes static under jit).
+    one, or 0), and whether each listed block is FULL. M is the largest count for masks
+    without arrays (numpy) and nK for masks holding arrays (jax arrays, static shapes).
     """
     kinds = self.block_kinds(q_len, kv_len, block_q, block_kv, q_offset=q_offset)
     return compact_block_kinds(kinds)
@@ -580,7 +585,7 @@ class _Combined(Mask):
     parts = []
     for m in (self.left, self.right):
       any_, all_ = m._any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)
-      if self.batched and not m.batched:
+      if xp is jnp:
         any_, all_ = jnp.asarray(any_), jnp.asarray(all_)
       parts.append((any_, all_))
     return parts

@@ -16,6 +16,11 @@ How it works:
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
     per q block, dk/dv/bias-gradients scattered into their blocks).
 
+Differentiation: first-order reverse mode (grad, vjp) of every input, including the dense
+bias, sink logits and the parameters of a ScoreBias. Forward mode and second order are not
+available on this path (its backward loops have data-dependent trip counts); use the
+``reference`` implementation for those.
+
 Logit pipeline (library order): scale·q·k → softcap → + bias → mask. Sinks enter only the
 denominator. Fully masked rows give 0 and lse = -inf (lse = σ with a sink), no NaN.
 """

@@ -1,0 +1,25 @@
+"""Test set-up: float64 oracles, several CPU devices for mesh tests, jaxtyping checks on."""
+
+import os
+import zlib
+
+# Must be set before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# The oracle runs in float64 against float32 fast paths (DESIGN.md: every family has an oracle).
+jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture
+def rng(request):
+  """A fresh PRNG key per test, derived from the test's name (reproducible, never zeros)."""
+  seed = zlib.crc32(request.node.nodeid.encode())
+  return jax.random.key(seed)
+
+
+def normal(key, shape, dtype):
+  return jax.random.normal(key, shape, np.float32).astype(dtype)
