@@ -1,4 +1,9 @@
-"""Test set-up: float64 oracles, several CPU devices for mesh tests, jaxtyping checks on."""
+"""Test set-up: float64 oracles, several CPU devices for mesh tests, jaxtyping checks on.
+
+Runtime shape checking (jaxtyping + beartype, see pyproject.toml addopts) covers the oracle
+and the blocked path; the API front door and masks are left unhooked so the bad-input tests
+see the ValueError a user sees, raised by attn_jax's own validation.
+"""
 
 import os
 import zlib

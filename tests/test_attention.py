@@ -113,7 +113,7 @@ def test_blocked_matches_oracle_every_mask(rng, mask_name, dtype):
   out = blocked()(q, k, v, mask=mask)
   assert out.dtype == dtype and out.shape == (B, T, N, Hv)
   assert_close(out, reference64(q, k, v, mask=mask).astype(dtype), tol["out"], "out")
-  for name, g, g_ref in zip("qkv", grads, grads_ref):
+  for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
     assert g.dtype == dtype
     assert np.all(np.isfinite(np.asarray(g, np.float64))), f"d{name} not finite"
     assert_close(g, g_ref, tol["grad"], f"d{name}")
@@ -130,7 +130,7 @@ def test_gqa_ratios_and_block_sizes(rng, group, block):
   _, grads = loss_and_grads(blocked(*block), q, k, v, cot, mask=mask)
   _, grads_ref = loss_and_grads(reference64, q, k, v, cot, mask=mask)
   assert_close(blocked(*block)(q, k, v, mask=mask), reference64(q, k, v, mask=mask), 2e-5)
-  for g, g_ref in zip(grads, grads_ref):
+  for g, g_ref in zip(grads, grads_ref, strict=True):
     assert_close(g, g_ref, 1e-4)
 
 
@@ -229,7 +229,7 @@ def test_softcap_and_sinks_gradients(rng, softcap):
 
   g = jax.grad(lambda q, s: loss(blocked(), q, s), argnums=(0, 1))(q, sinks)
   g_ref = jax.grad(lambda q, s: loss(reference64, q, s), argnums=(0, 1))(q, sinks)
-  for a, b in zip(g, g_ref):
+  for a, b in zip(g, g_ref, strict=True):
     assert_close(a, b, 1e-4)
 
 

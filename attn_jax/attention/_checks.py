@@ -82,7 +82,7 @@ def check_options(dims: Dims, *, mask=None, bias=None, scale=None, softcap=None,
         raise ValueError("bias must be a float array broadcastable to [B, N, T, S] or a "
                          f"ScoreBias; got {_describe(bias)}")
       want = (dims.B, dims.N, dims.T, dims.S)
-      if bias.ndim != 4 or any(b not in (1, w) for b, w in zip(bias.shape, want)):
+      if bias.ndim != 4 or any(b not in (1, w) for b, w in zip(bias.shape, want, strict=True)):
         raise ValueError(f"bias must have rank 4 and be broadcastable to [B, N, T, S] = {want} "
                          f"(each dim 1 or full); got shape {tuple(bias.shape)}")
   if scale is not None:

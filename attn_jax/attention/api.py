@@ -63,6 +63,10 @@ def dot_product_attention(
     ``[B, T, N, Hv]`` in q's dtype, and the lse when ``return_lse``. Fully masked rows
     give 0 and lse = -inf.
   """
+  # Validate here, before any implementation (or a type checker wrapped around one) sees
+  # the arrays, so every path reports the same ValueError.
+  dims = _checks.check_qkv(q, k, v)
+  _checks.check_options(dims, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks)
   if implementation is None:
     implementation = default_implementation(jax.default_backend())
   if implementation not in IMPLEMENTATIONS:

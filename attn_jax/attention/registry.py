@@ -11,7 +11,8 @@ raises instead of silently computing something else. ``build`` makes the entry's
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ class Mechanism:
     entry_point: "module:function" of the functional API.
     implementations: implementation names the entry point serves.
     patterns: subset of PATTERNS the entry supports.
-    decode: incremental decoding (T=1 against a cache) equals the full computation.
+    decode: incremental decoding (T=1 against a cache, bottom-right aligned) equals the
+      full computation, for steps after any bidirectional prefix.
     tier: catalog tier.
     check: the catalog property the tests assert for this entry.
     build: ``build(key, dims, causal) -> kwargs`` for the entry point.
