@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from conftest import normal
 
-from attn_jax import registry as registry_cli
 from attn_jax.attention import (
     AlibiBias,
     CausalMask,
@@ -185,11 +184,3 @@ def test_registry_json_cli():
   text = subprocess.run([sys.executable, "-m", "attn_jax.registry"], cwd=ROOT,
                         capture_output=True, text=True, check=True).stdout
   assert "sliding_window" in text
-
-
-def test_readme_mechanism_table_is_fresh():
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    text = f.read()
-  assert registry_cli.readme_with_table(text) == text, (
-      "README mechanism table is stale: run python -m attn_jax.registry --write-readme "
-      "README.md")
