@@ -26,11 +26,15 @@ $(STAMP_TEST): $(STAMP) setup.py
 run: $(STAMP)
 	$(PY) experiments/bench_attention.py --quick
 
+SOURCES := attn_jax pallas_kernels experiments configs tests setup.py
+
 lint: $(STAMP_TEST)
-	$(VENV)/bin/ruff check attn_jax pallas_kernels experiments configs tests setup.py
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 
 format: $(STAMP_TEST)
-	$(VENV)/bin/ruff format attn_jax pallas_kernels experiments configs tests setup.py
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 test: lint
 	$(PY) -m attn_jax.registry --check-readme README.md

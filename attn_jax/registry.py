@@ -14,19 +14,31 @@ BEGIN, END = "<!-- registry-table:begin -->", "<!-- registry-table:end -->"
 
 
 def markdown_table() -> str:
-  lines = ["| id | family | tier | implementations | patterns | decode | paper |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| id | family | tier | implementations | patterns | decode | paper |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for m in registry.all_mechanisms():
     patterns = ", ".join(p for p in registry.PATTERNS if p in m.patterns)
-    lines.append(f"| `{m.id}` | ({m.family}) | {m.tier} | {', '.join(m.implementations)} | "
-                 f"{patterns} | {'yes' if m.decode else 'no'} | {m.paper} |")
+    lines.append(
+      f"| `{m.id}` | ({m.family}) | {m.tier} | {', '.join(m.implementations)} | "
+      f"{patterns} | {'yes' if m.decode else 'no'} | {m.paper} |"
+    )
   return "\n".join(lines)
 
 
 def text_table() -> str:
-  rows = [(m.id, m.family, str(m.tier), ",".join(m.implementations),
-           ",".join(p for p in registry.PATTERNS if p in m.patterns), str(m.decode))
-          for m in registry.all_mechanisms()]
+  rows = [
+    (
+      m.id,
+      m.family,
+      str(m.tier),
+      ",".join(m.implementations),
+      ",".join(p for p in registry.PATTERNS if p in m.patterns),
+      str(m.decode),
+    )
+    for m in registry.all_mechanisms()
+  ]
   header = ("id", "family", "tier", "implementations", "patterns", "decode")
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
   fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -60,8 +72,11 @@ def main(argv=None) -> int:
     new = readme_with_table(text)
     if args.check_readme:
       if new != text:
-        print(f"{path}: the mechanism table is stale; run "
-              f"python -m attn_jax.registry --write-readme {path}", file=sys.stderr)
+        print(
+          f"{path}: the mechanism table is stale; run "
+          f"python -m attn_jax.registry --write-readme {path}",
+          file=sys.stderr,
+        )
         return 1
       return 0
     with open(path, "w", encoding="utf-8") as f:

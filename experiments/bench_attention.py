@@ -88,13 +88,16 @@ def jax_attention(impl: str):
   from attn_jax import attention
 
   if impl == "jax_nn":
+
     def attend(q, k, v):
       return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
     return attend
   mask = attention.CausalMask()
 
   def attend(q, k, v):
     return attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
   return attend
 
 
@@ -109,8 +112,12 @@ def run_jax(impl: str, t: int, reps: int) -> dict:
   grad_fn = jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2))
   compile_fwd_s, fwd = compile_and_time(attend, qkv_BTNH, reps)
   compile_fwd_bwd_s, fwd_bwd = compile_and_time(grad_fn, qkv_BTNH, reps)
-  return {"compile_fwd_s": compile_fwd_s, "compile_fwd_bwd_s": compile_fwd_bwd_s,
-          "fwd_samples_ms": fwd, "fwd_bwd_samples_ms": fwd_bwd}
+  return {
+    "compile_fwd_s": compile_fwd_s,
+    "compile_fwd_bwd_s": compile_fwd_bwd_s,
+    "fwd_samples_ms": fwd,
+    "fwd_bwd_samples_ms": fwd_bwd,
+  }
 
 
 def run_torch(t: int, reps: int) -> dict:
@@ -135,8 +142,11 @@ def run_torch(t: int, reps: int) -> dict:
   fwd()
   fwd_samples = time_samples(fwd, reps)
   fwd_bwd()
-  return {"torch_threads": torch.get_num_threads(), "fwd_samples_ms": fwd_samples,
-          "fwd_bwd_samples_ms": time_samples(fwd_bwd, reps)}
+  return {
+    "torch_threads": torch.get_num_threads(),
+    "fwd_samples_ms": fwd_samples,
+    "fwd_bwd_samples_ms": time_samples(fwd_bwd, reps),
+  }
 
 
 def run_matmul(n: int, reps: int) -> dict:
@@ -144,8 +154,9 @@ def run_matmul(n: int, reps: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  a_NN, b_NN = (jax.random.normal(key, (n, n), jnp.float32)
-                for key in jax.random.split(jax.random.key(0)))
+  a_NN, b_NN = (
+    jax.random.normal(key, (n, n), jnp.float32) for key in jax.random.split(jax.random.key(0))
+  )
   _, samples = compile_and_time(jnp.matmul, (a_NN, b_NN), reps)
   flops = 2 * n**3
   result = {"jax": flops / statistics.median(samples) / 1e6, "jax_samples_ms": samples}
@@ -156,8 +167,11 @@ def run_matmul(n: int, reps: int) -> dict:
   ta_NN, tb_NN = torch.randn(n, n), torch.randn(n, n)
   torch.matmul(ta_NN, tb_NN)
   samples = time_samples(lambda: torch.matmul(ta_NN, tb_NN), reps)
-  result.update(torch=flops / statistics.median(samples) / 1e6, torch_samples_ms=samples,
-                torch_threads=torch.get_num_threads())
+  result.update(
+    torch=flops / statistics.median(samples) / 1e6,
+    torch_samples_ms=samples,
+    torch_threads=torch.get_num_threads(),
+  )
   return result
 
 
@@ -213,8 +227,10 @@ def progress_line(row: dict) -> str:
   head = f"[{row['impl']} T={row['T']}]"
   if row["status"] != "ok":
     return f"{head} {row['status']}"
-  return (f"{head} fwd {row['fwd_ms']:.1f} ms  fwd+bwd {row['fwd_bwd_ms']:.1f} ms  "
-          f"peak {row['peak_mib']:.0f} MiB")
+  return (
+    f"{head} fwd {row['fwd_ms']:.1f} ms  fwd+bwd {row['fwd_bwd_ms']:.1f} ms  "
+    f"peak {row['peak_mib']:.0f} MiB"
+  )
 
 
 def precheck(impl: str, t: int, failed: dict, torch_ok: bool) -> str | None:
@@ -246,17 +262,24 @@ def machine_info(matmul: dict) -> dict:
   """CPU, core count, library versions and the UTC date."""
   cpu = platform.processor() or "unknown"
   try:
-    models = [line.split(":", 1)[1].strip()
-              for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("model name")]
+    models = [
+      line.split(":", 1)[1].strip()
+      for line in Path("/proc/cpuinfo").read_text().splitlines()
+      if line.startswith("model name")
+    ]
     cpu = models[0] if models else cpu
   except OSError:
     pass
-  return {"cpu": cpu, "cores": os.cpu_count(),
-          "jax": package_version("jax"), "jaxlib": package_version("jaxlib"),
-          "torch": package_version("torch"), "torch_threads": matmul.get("torch_threads"),
-          "python": platform.python_version(),
-          "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "jax": package_version("jax"),
+    "jaxlib": package_version("jaxlib"),
+    "torch": package_version("torch"),
+    "torch_threads": matmul.get("torch_threads"),
+    "python": platform.python_version(),
+    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
 
 
 def package_version(name: str) -> str | None:
@@ -284,15 +307,19 @@ def markdown(report: dict) -> str:
   """Timing table with ratio columns, matmul peaks, peak-memory table and longest T."""
   cfg, impls = report["config"], report["config"]["implementations"]
   by = {(r["impl"], r["T"]): r for r in report["results"]}
-  ratios = [(a, b) for a, b in (("jax_nn", "xla"), ("xla", "torch_sdpa"))
-            if a in impls and b in impls]
+  ratios = [
+    (a, b) for a, b in (("jax_nn", "xla"), ("xla", "torch_sdpa")) if a in impls and b in impls
+  ]
   m = report["machine"]
   lines = [
-      "# Causal attention benchmark (CPU)", "",
-      f"B={B}, N={N}, H={H}, {DTYPE}, causal; median of {cfg['reps']} timed calls after one "
-      "warm-up (compilation excluded); times in ms. Ratio columns divide the medians of this "
-      f"run. {m['cpu']}, {m['cores']} cores; jax {m['jax']}, torch {m['torch']} "
-      f"({m['torch_threads']} threads); {m['date_utc']}.", ""]
+    "# Causal attention benchmark (CPU)",
+    "",
+    f"B={B}, N={N}, H={H}, {DTYPE}, causal; median of {cfg['reps']} timed calls after one "
+    "warm-up (compilation excluded); times in ms. Ratio columns divide the medians of this "
+    f"run. {m['cpu']}, {m['cores']} cores; jax {m['jax']}, torch {m['torch']} "
+    f"({m['torch_threads']} threads); {m['date_utc']}.",
+    "",
+  ]
   head = ["T"] + [f"{i} {k}" for i in impls for k in ("fwd", "fwd+bwd")]
   head += [f"{a} / {b} {k}" for a, b in ratios for k in ("fwd", "fwd+bwd")]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -310,12 +337,21 @@ def markdown(report: dict) -> str:
   peaks = report["matmul_peak_gflops"]
   torch_peak = f"{peaks['torch']:.1f}" if peaks.get("torch") else "n/a"
   jax_peak = f"{peaks['jax']:.1f}" if peaks.get("jax") else "n/a"
-  lines += ["", f"Matmul peak ({MATMUL_N}×{MATMUL_N} float32): JAX {jax_peak} GFLOP/s, "
-            f"torch {torch_peak} GFLOP/s.", "", "## Peak resident memory (MiB)", "",
-            "| T | " + " | ".join(impls) + " |", "|" + "---|" * (len(impls) + 1)]
+  lines += [
+    "",
+    f"Matmul peak ({MATMUL_N}×{MATMUL_N} float32): JAX {jax_peak} GFLOP/s, "
+    f"torch {torch_peak} GFLOP/s.",
+    "",
+    "## Peak resident memory (MiB)",
+    "",
+    "| T | " + " | ".join(impls) + " |",
+    "|" + "---|" * (len(impls) + 1),
+  ]
   for t in cfg["T"]:
-    cells = [f"{by[(i, t)]['peak_mib']:.0f}" if by[(i, t)]["peak_mib"] else
-             short_status(by[(i, t)]) for i in impls]
+    cells = [
+      f"{by[(i, t)]['peak_mib']:.0f}" if by[(i, t)]["peak_mib"] else short_status(by[(i, t)])
+      for i in impls
+    ]
     lines.append(f"| {t} | " + " | ".join(cells) + " |")
   lines += ["", "## Longest T that ran", ""]
   lines += [f"- {impl}: {t if t else 'none'}" for impl, t in report["longest_t"].items()]
@@ -350,8 +386,9 @@ def write_plot(report: dict, path: Path) -> None:
   ax_f.set_ylabel("effective GFLOP/s")
   ax_f.set_ylim(bottom=0)
   m = report["machine"]
-  fig.suptitle(f"Causal attention, B={B} N={N} H={H} {DTYPE} — {m['cpu']}, {m['cores']} cores",
-               fontsize=10)
+  fig.suptitle(
+    f"Causal attention, B={B} N={N} H={H} {DTYPE} — {m['cpu']}, {m['cores']} cores", fontsize=10
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -360,10 +397,16 @@ def write_plot(report: dict, path: Path) -> None:
 def parse_args(argv):
   """The command line; --worker is internal (the parent re-invokes this script with it)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="T = 512, 1024, 3 reps, outputs in experiments/results/quick/")
-  p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
-                 help=f"comma list out of {','.join(IMPLEMENTATIONS)} (default: all)")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="T = 512, 1024, 3 reps, outputs in experiments/results/quick/",
+  )
+  p.add_argument(
+    "--implementations",
+    default=",".join(IMPLEMENTATIONS),
+    help=f"comma list out of {','.join(IMPLEMENTATIONS)} (default: all)",
+  )
   p.add_argument("--max-t", type=int, default=16384, help="largest T (default 16384)")
   p.add_argument("--reps", type=int, help="timed calls per config (default 5, quick 3)")
   p.add_argument("--timeout", type=float, default=900, help="seconds per config (default 900)")
@@ -388,24 +431,47 @@ def main(argv=None) -> int:
   if args.worker:
     return worker(args.worker, args.reps)
   args.outdir.mkdir(parents=True, exist_ok=True)
-  print(f"T={args.ts} impls={args.implementations} reps={args.reps} -> {args.outdir}",
-        flush=True)
+  print(f"T={args.ts} impls={args.implementations} reps={args.reps} -> {args.outdir}", flush=True)
   matmul = launch(f"matmul:{MATMUL_N}", args.reps, args.timeout)
   peaks = {"jax": matmul.get("jax"), "torch": matmul.get("torch")}
-  print(f"[matmul {MATMUL_N}] {matmul['status']}  JAX {peaks['jax'] or 0:.1f} GFLOP/s  "
-        f"torch {peaks['torch'] or 0:.1f} GFLOP/s", flush=True)
-  rows = run_all(args.implementations, args.ts, args.reps, args.timeout,
-                 torch_ok=package_version("torch") is not None)
+  print(
+    f"[matmul {MATMUL_N}] {matmul['status']}  JAX {peaks['jax'] or 0:.1f} GFLOP/s  "
+    f"torch {peaks['torch'] or 0:.1f} GFLOP/s",
+    flush=True,
+  )
+  rows = run_all(
+    args.implementations,
+    args.ts,
+    args.reps,
+    args.timeout,
+    torch_ok=package_version("torch") is not None,
+  )
   report = {
-      "machine": machine_info(matmul),
-      "config": {"B": B, "N": N, "H": H, "dtype": DTYPE, "causal": True, "reps": args.reps,
-                 "T": args.ts, "max_t": args.max_t, "quick": args.quick,
-                 "implementations": args.implementations, "timeout_s": args.timeout,
-                 "logits_budget_gib": LOGITS_BUDGET_BYTES / 2**30, "matmul_n": MATMUL_N,
-                 "flops": "fwd = 4*B*N*T^2*H/2 (causal); fwd_bwd = 3.5 * fwd"},
-      "matmul_peak_gflops": peaks, "matmul": matmul, "results": rows,
-      "longest_t": {i: max((r["T"] for r in rows if r["impl"] == i and r["status"] == "ok"),
-                           default=None) for i in args.implementations}}
+    "machine": machine_info(matmul),
+    "config": {
+      "B": B,
+      "N": N,
+      "H": H,
+      "dtype": DTYPE,
+      "causal": True,
+      "reps": args.reps,
+      "T": args.ts,
+      "max_t": args.max_t,
+      "quick": args.quick,
+      "implementations": args.implementations,
+      "timeout_s": args.timeout,
+      "logits_budget_gib": LOGITS_BUDGET_BYTES / 2**30,
+      "matmul_n": MATMUL_N,
+      "flops": "fwd = 4*B*N*T^2*H/2 (causal); fwd_bwd = 3.5 * fwd",
+    },
+    "matmul_peak_gflops": peaks,
+    "matmul": matmul,
+    "results": rows,
+    "longest_t": {
+      i: max((r["T"] for r in rows if r["impl"] == i and r["status"] == "ok"), default=None)
+      for i in args.implementations
+    },
+  }
   out = args.outdir / "bench_attention"
   out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
   out.with_suffix(".md").write_text(markdown(report))

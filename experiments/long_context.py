@@ -62,25 +62,44 @@ def main():
   f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
   errors = {}
   for i in sorted({0, 1, T // 3, T - 1}):
-    ref = attention_reference(jnp.asarray(f64(q_BTNH[:, i:i + 1])),
-                              jnp.asarray(f64(k_BTNH[:, :i + 1])),
-                              jnp.asarray(f64(v_BTNH[:, :i + 1])), mask=CausalMask())
+    ref = attention_reference(
+      jnp.asarray(f64(q_BTNH[:, i : i + 1])),
+      jnp.asarray(f64(k_BTNH[:, : i + 1])),
+      jnp.asarray(f64(v_BTNH[:, : i + 1])),
+      mask=CausalMask(),
+    )
     errors[f"out_row_{i}"] = float(np.abs(f64(out_BTNH[:, i]) - f64(ref[:, 0])).max())
   # dv of the last key: only the last query sees it, with weight p_{T-1, T-1}.
-  _, probs = attention_reference(jnp.asarray(f64(q_BTNH[:, -1:])), jnp.asarray(f64(k_BTNH)),
-                                 jnp.asarray(f64(v_BTNH)), mask=CausalMask(),
-                                 return_probs=True)
+  _, probs = attention_reference(
+    jnp.asarray(f64(q_BTNH[:, -1:])),
+    jnp.asarray(f64(k_BTNH)),
+    jnp.asarray(f64(v_BTNH)),
+    mask=CausalMask(),
+    return_probs=True,
+  )
   dv_last = f64(probs[0, :, 0, -1])[:, None] * f64(cot_BTNH[0, -1])
   errors["dv_last_row"] = float(np.abs(f64(dv[0, -1]) - dv_last).max())
   finite = all(bool(jnp.all(jnp.isfinite(g))) for g in (out_BTNH, dq, dk, dv))
   print("max abs errors vs float64 oracle:", errors, "all finite:", finite, flush=True)
 
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  record = {"B": 1, "T": T, "N": N, "H": H, "dtype": "float32", "mask": "causal",
-            "implementation": "xla", "compile_s": compile_s, "fwd_bwd_s": wall_s,
-            "peak_rss_mib": peak, "errors_vs_oracle": errors, "all_finite": finite,
-            "jax": jax.__version__, "cores": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  record = {
+    "B": 1,
+    "T": T,
+    "N": N,
+    "H": H,
+    "dtype": "float32",
+    "mask": "causal",
+    "implementation": "xla",
+    "compile_s": compile_s,
+    "fwd_bwd_s": wall_s,
+    "peak_rss_mib": peak,
+    "errors_vs_oracle": errors,
+    "all_finite": finite,
+    "jax": jax.__version__,
+    "cores": os.cpu_count(),
+    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1)
   print(f"wrote {args.out}")

@@ -15,29 +15,32 @@ import pytest
 from conftest import normal
 
 from attn_jax.attention import (
-    AlibiBias,
-    BlockSparseMask,
-    CausalMask,
-    ChunkedCausalMask,
-    LocalMask,
-    PrefixLMMask,
-    SegmentMask,
-    attention_reference,
-    blocked_attention,
-    dot_product_attention,
-    sliding_window,
+  AlibiBias,
+  BlockSparseMask,
+  CausalMask,
+  ChunkedCausalMask,
+  LocalMask,
+  PrefixLMMask,
+  SegmentMask,
+  attention_reference,
+  blocked_attention,
+  dot_product_attention,
+  sliding_window,
 )
 
 TOL = {
-    jnp.float32: dict(out=2e-5, grad=1e-4),
-    jnp.bfloat16: dict(out=2e-2, grad=4e-2),
+  jnp.float32: dict(out=2e-5, grad=1e-4),
+  jnp.bfloat16: dict(out=2e-2, grad=4e-2),
 }
 
 
 def make_qkv(key, B, T, S, N, K, H, Hv, dtype=jnp.float32):
   kq, kk, kv = jax.random.split(key, 3)
-  return normal(kq, (B, T, N, H), dtype), normal(kk, (B, S, K, H), dtype), normal(
-      kv, (B, S, K, Hv), dtype)
+  return (
+    normal(kq, (B, T, N, H), dtype),
+    normal(kk, (B, S, K, H), dtype),
+    normal(kv, (B, S, K, Hv), dtype),
+  )
 
 
 def reference64(q, k, v, **kw):
@@ -79,18 +82,19 @@ def mask_cases(key, B, T, S):
   k1, k2, k3 = jax.random.split(key, 3)
   q_ids, kv_ids = random_segments(k1, B, T), random_segments(k2, B, S)
   return {
-      "none": None,
-      "causal": CausalMask(),
-      "window": sliding_window(7),
-      "local_two_sided": LocalMask(5, 3),
-      "chunked": ChunkedCausalMask(9),
-      "prefix": PrefixLMMask(11),
-      "prefix_per_example": PrefixLMMask(jnp.array([3, 40][:B] + [7] * max(0, B - 2))),
-      "segment": SegmentMask(q_ids, kv_ids),
-      "segment_causal": SegmentMask(q_ids, kv_ids) & CausalMask(),
-      "window_or_prefix": sliding_window(4) | PrefixLMMask(6),
-      "block_sparse": BlockSparseMask(
-          jax.random.randint(k3, (-(-T // 16), 3), -1, -(-S // 16)), (16, 16)),
+    "none": None,
+    "causal": CausalMask(),
+    "window": sliding_window(7),
+    "local_two_sided": LocalMask(5, 3),
+    "chunked": ChunkedCausalMask(9),
+    "prefix": PrefixLMMask(11),
+    "prefix_per_example": PrefixLMMask(jnp.array([3, 40][:B] + [7] * max(0, B - 2))),
+    "segment": SegmentMask(q_ids, kv_ids),
+    "segment_causal": SegmentMask(q_ids, kv_ids) & CausalMask(),
+    "window_or_prefix": sliding_window(4) | PrefixLMMask(6),
+    "block_sparse": BlockSparseMask(
+      jax.random.randint(k3, (-(-T // 16), 3), -1, -(-S // 16)), (16, 16)
+    ),
   }
 
 
@@ -153,8 +157,9 @@ def test_matches_jax_nn(rng, is_causal):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bias_shape", [(2, 4, 40, 70), (1, 4, 40, 70), (2, 1, 1, 70),
-                                        (1, 1, 40, 1)])
+@pytest.mark.parametrize(
+  "bias_shape", [(2, 4, 40, 70), (1, 4, 40, 70), (2, 1, 1, 70), (1, 1, 40, 1)]
+)
 def test_dense_bias_forward_and_gradient(rng, bias_shape):
   B, T, S, N, K, H = 2, 40, 70, 4, 2, 16
   kqkv, kb, kcot = jax.random.split(rng, 3)
@@ -203,15 +208,19 @@ def test_alibi_in_tile_equals_dense_and_slope_gradient(rng):
   def loss(fn, s):
     return fn(q, k, v, bias=AlibiBias(s), mask=CausalMask()).astype(jnp.float64).sum()
 
-  assert_close(jax.grad(lambda s: loss(blocked(), s))(slopes),
-               jax.grad(lambda s: loss(reference64, s))(slopes), 1e-4)
+  assert_close(
+    jax.grad(lambda s: loss(blocked(), s))(slopes),
+    jax.grad(lambda s: loss(reference64, s))(slopes),
+    1e-4,
+  )
 
 
 def test_alibi_slope_zero_equals_causal(rng):
   q, k, v = make_qkv(rng, 1, 30, 30, 4, 4, 8, 8)
   zero = AlibiBias(jnp.zeros((4,), jnp.float32))
-  assert_close(blocked()(q, k, v, bias=zero, mask=CausalMask()),
-               blocked()(q, k, v, mask=CausalMask()), 1e-6)
+  assert_close(
+    blocked()(q, k, v, bias=zero, mask=CausalMask()), blocked()(q, k, v, mask=CausalMask()), 1e-6
+  )
 
 
 @pytest.mark.parametrize("softcap", [0.5, 5.0])
@@ -255,10 +264,16 @@ def test_sinks_equal_an_extra_zero_value_key(rng):
   # One extra key per head whose logit is exactly the sink and whose value is zero.
   extra_k = jnp.zeros((B, 1, N, H), jnp.float32)
   extra_v = jnp.zeros((B, 1, N, H), jnp.float32)
-  bias = jnp.concatenate([jnp.zeros((1, N, T, T), jnp.float32),
-                          jnp.broadcast_to(sinks[None, :, None, None], (1, N, T, 1))], -1)
-  expected = attention_reference(q, jnp.concatenate([k, extra_k], 1),
-                                 jnp.concatenate([v, extra_v], 1), bias=bias)
+  bias = jnp.concatenate(
+    [
+      jnp.zeros((1, N, T, T), jnp.float32),
+      jnp.broadcast_to(sinks[None, :, None, None], (1, N, T, 1)),
+    ],
+    -1,
+  )
+  expected = attention_reference(
+    q, jnp.concatenate([k, extra_k], 1), jnp.concatenate([v, extra_v], 1), bias=bias
+  )
   assert_close(out, expected, 2e-5)
   _, probs = attention_reference(q, k, v, sinks=sinks, return_probs=True)
   row_sums = probs.sum(-1)
@@ -312,8 +327,10 @@ def test_fully_masked_rows_give_zero_and_no_nan(rng):
     padded = np.asarray(ids == 0)
     assert np.all(np.asarray(out)[padded] == 0)
     assert np.all(np.isneginf(np.asarray(lse).transpose(0, 2, 1)[padded]))
-    grads = jax.grad(lambda q, k, v: fn(q, k, v, mask=mask).sum() +
-                     jnp.where(jnp.isfinite(lse), 0, 0).sum(), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.grad(
+      lambda q, k, v: fn(q, k, v, mask=mask).sum() + jnp.where(jnp.isfinite(lse), 0, 0).sum(),
+      argnums=(0, 1, 2),
+    )(q, k, v)
     for g in grads:
       assert np.all(np.isfinite(np.asarray(g)))
   # A mask that hides everything from everyone.
@@ -339,8 +356,9 @@ def test_causality_through_gradients(rng, mask):
   T = 40
   q, k, v = make_qkv(rng, 1, T, T, 2, 2, 8, 8)
   i = 17
-  grads = jax.grad(lambda q, k, v: blocked()(q, k, v, mask=mask)[0, i].sum(),
-                   argnums=(0, 1, 2))(q, k, v)
+  grads = jax.grad(lambda q, k, v: blocked()(q, k, v, mask=mask)[0, i].sum(), argnums=(0, 1, 2))(
+    q, k, v
+  )
   visible = np.asarray(mask.dense(T, T))[i]
   for g in grads[1:]:
     per_pos = np.abs(np.asarray(g)[0]).sum((1, 2))
@@ -357,7 +375,8 @@ def test_jit_vmap_grad(rng):
   assert_close(f(q, k, v), reference64(q, k, v, mask=CausalMask()), 2e-5)
   # vmap over an extra leading axis (e.g. an ensemble) equals the loop.
   stacked = jax.vmap(lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask()))(
-      q[None].repeat(2, 0), k[None].repeat(2, 0), v[None].repeat(2, 0))
+    q[None].repeat(2, 0), k[None].repeat(2, 0), v[None].repeat(2, 0)
+  )
   assert_close(stacked[1], f(q, k, v), 1e-6)
   g = jax.jit(jax.grad(lambda q: f(q, k, v).sum()))(q)
   assert_close(g, jax.grad(lambda q: reference64(q, k, v, mask=CausalMask()).sum())(q), 1e-4)

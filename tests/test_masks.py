@@ -15,9 +15,10 @@ def brute_kinds(dense, T, S, bq, bk):
   out = np.zeros(dense.shape[:-2] + (nq, nk), np.int8)
   for i in range(nq):
     for j in range(nk):
-      tile = dense[..., i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
-      out[..., i, j] = np.where(tile.all((-1, -2)), M.FULL,
-                                np.where(tile.any((-1, -2)), M.PARTIAL, M.EMPTY))
+      tile = dense[..., i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+      out[..., i, j] = np.where(
+        tile.all((-1, -2)), M.FULL, np.where(tile.any((-1, -2)), M.PARTIAL, M.EMPTY)
+      )
   return out
 
 
@@ -42,8 +43,7 @@ def test_dense_predicates_match_their_definitions():
   np.testing.assert_array_equal(M.FullMask().dense(T, S), np.ones((T, S), bool))
   np.testing.assert_array_equal(M.LocalMask(4, 2).dense(T, S), (j >= i - 4) & (j <= i + 2))
   np.testing.assert_array_equal(M.sliding_window(5).dense(T, S), (i - 5 < j) & (j <= i))
-  np.testing.assert_array_equal(M.ChunkedCausalMask(8).dense(T, S),
-                                (i // 8 == j // 8) & (j <= i))
+  np.testing.assert_array_equal(M.ChunkedCausalMask(8).dense(T, S), (i // 8 == j // 8) & (j <= i))
   np.testing.assert_array_equal(M.PrefixLMMask(20).dense(T, S), (j < 20) | (j <= i))
   np.testing.assert_array_equal(M.LocalMask(None, 0).dense(T, S), M.CausalMask().dense(T, S))
 
@@ -55,10 +55,20 @@ def test_combinations_are_exact_in_dense_form():
 
 
 @pytest.mark.parametrize("bq,bk", [(8, 8), (16, 4), (5, 7), (64, 64), (1, 1)])
-@pytest.mark.parametrize("mask", [M.CausalMask(), M.FullMask(), M.LocalMask(6, 3),
-                                  M.sliding_window(9), M.ChunkedCausalMask(8),
-                                  M.ChunkedCausalMask(5), M.PrefixLMMask(12),
-                                  M.LocalMask(None, 4)], ids=repr)
+@pytest.mark.parametrize(
+  "mask",
+  [
+    M.CausalMask(),
+    M.FullMask(),
+    M.LocalMask(6, 3),
+    M.sliding_window(9),
+    M.ChunkedCausalMask(8),
+    M.ChunkedCausalMask(5),
+    M.PrefixLMMask(12),
+    M.LocalMask(None, 4),
+  ],
+  ids=repr,
+)
 def test_static_block_maps_are_exact(mask, bq, bk):
   # Chunked causal with chunk not aligned to blocks is a conjunction: sound, maybe not exact.
   exact = not (isinstance(mask, M.ChunkedCausalMask) and (bq % mask.chunk or bk % mask.chunk))
@@ -73,10 +83,15 @@ def test_array_masks_block_maps(rng, bq, bk):
   kv_ids = jnp.sort(jax.random.randint(k2, (B, S), 0, 4), -1).astype(jnp.int32)
   idx = jax.random.randint(k3, (B, -(-T // 8), 3), -1, -(-S // 8))
   prefix = jax.random.randint(k4, (B,), 0, S)
-  for mask in (M.SegmentMask(q_ids, kv_ids), M.SegmentMask(q_ids, kv_ids, padding_id=None),
-               M.BlockSparseMask(idx, 8), M.BlockSparseMask(idx[0], (8, 8)),
-               M.PrefixLMMask(prefix), M.SegmentMask(q_ids, kv_ids) & M.CausalMask(),
-               M.BlockSparseMask(idx, 8) | M.sliding_window(3)):
+  for mask in (
+    M.SegmentMask(q_ids, kv_ids),
+    M.SegmentMask(q_ids, kv_ids, padding_id=None),
+    M.BlockSparseMask(idx, 8),
+    M.BlockSparseMask(idx[0], (8, 8)),
+    M.PrefixLMMask(prefix),
+    M.SegmentMask(q_ids, kv_ids) & M.CausalMask(),
+    M.BlockSparseMask(idx, 8) | M.sliding_window(3),
+  ):
     exact = isinstance(mask, (M.BlockSparseMask, M.PrefixLMMask)) and (bq, bk) == (8, 8)
     assert_block_map_sound(mask, T, S, bq, bk, exact=exact)
 
@@ -93,8 +108,7 @@ def test_segment_padding_rows_and_columns_see_nothing():
 def test_block_lists_compaction():
   count, index, full = M.CausalMask().block_lists(64, 64, 16, 16)
   np.testing.assert_array_equal(count, [1, 2, 3, 4])
-  np.testing.assert_array_equal(index, [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 2, 2],
-                                        [0, 1, 2, 3]])
+  np.testing.assert_array_equal(index, [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 2, 2], [0, 1, 2, 3]])
   np.testing.assert_array_equal(full[np.arange(4), count - 1], [False] * 4)  # diagonal
   assert full[3, 0] and full[3, 2]
   # Local window: lists hold only the band.
@@ -139,7 +153,9 @@ def test_masks_are_pytrees_that_cross_jit(rng):
   assert jax.tree.leaves(M.CausalMask()) == []
 
 
-@pytest.mark.parametrize("make,message", [
+@pytest.mark.parametrize(
+  "make,message",
+  [
     (lambda: M.LocalMask(-1, 0), "LocalMask left must be >= 0; got -1"),
     (lambda: M.LocalMask(0, 1.5), "LocalMask right must be an int >= 0; got 1.5"),
     (lambda: M.ChunkedCausalMask(0), "ChunkedCausalMask chunk must be >= 1; got 0"),
@@ -148,14 +164,17 @@ def test_masks_are_pytrees_that_cross_jit(rng):
     (lambda: M.PrefixLMMask(jnp.zeros((2, 2), jnp.int32)), "shape [B]"),
     (lambda: M.SegmentMask(jnp.zeros((2, 5))), "q_segment_ids must be an int array"),
     (lambda: M.SegmentMask(jnp.zeros((5,), jnp.int32)), "shape [B, T]"),
-    (lambda: M.SegmentMask(jnp.zeros((2, 5), jnp.int32), jnp.zeros((3, 5), jnp.int32)),
-     "must have the same batch size"),
+    (
+      lambda: M.SegmentMask(jnp.zeros((2, 5), jnp.int32), jnp.zeros((3, 5), jnp.int32)),
+      "must have the same batch size",
+    ),
     (lambda: M.BlockSparseMask(jnp.zeros((4,), jnp.int32), 8), "shape [nQ, M] or [B, nQ, M]"),
     (lambda: M.BlockSparseMask(jnp.zeros((4, 2), jnp.int32), 0), "block_size[0] must be >= 1"),
     (lambda: M.CausalMask() & "causal", "the right operand is str"),
     (lambda: M.CausalMask().dense(0, 4), "q_len must be >= 1; got 0"),
     (lambda: M.CausalMask().block_kinds(8, 8, 0, 4), "block_q must be >= 1; got 0"),
-])
+  ],
+)
 def test_bad_mask_inputs(make, message):
   with pytest.raises(ValueError, match=None) as err:
     make()

@@ -8,19 +8,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attn_jax.attention import (
-    EMPTY,
-    FULL,
-    CausalMask,
-    ChunkedCausalMask,
-    LocalMask,
-    PrefixLMMask,
-    SegmentMask,
-    attention_reference,
-    blocked_attention,
+  EMPTY,
+  FULL,
+  CausalMask,
+  ChunkedCausalMask,
+  LocalMask,
+  PrefixLMMask,
+  SegmentMask,
+  attention_reference,
+  blocked_attention,
 )
 
-SETTINGS = settings(max_examples=8, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+  max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @st.composite
@@ -52,23 +53,34 @@ def masks(draw, B, T, S):
 
 
 @SETTINGS
-@given(data=st.data(), T=st.integers(1, 40), S=st.integers(1, 40),
-       block_q=st.integers(1, 48), block_kv=st.integers(1, 48))
+@given(
+  data=st.data(),
+  T=st.integers(1, 40),
+  S=st.integers(1, 40),
+  block_q=st.integers(1, 48),
+  block_kv=st.integers(1, 48),
+)
 def test_block_map_is_sound_for_random_masks(data, T, S, block_q, block_kv):
   mask = data.draw(masks(2, T, S))
   kinds = np.asarray(mask.block_kinds(T, S, block_q, block_kv))
   dense = np.asarray(mask.dense(T, S))
   for i in range(kinds.shape[-2]):
     for j in range(kinds.shape[-1]):
-      tile = dense[..., i * block_q:(i + 1) * block_q, j * block_kv:(j + 1) * block_kv]
+      tile = dense[..., i * block_q : (i + 1) * block_q, j * block_kv : (j + 1) * block_kv]
       k = kinds[..., i, j]
       assert not np.any((k == EMPTY) & tile.any((-1, -2)))
       assert not np.any((k == FULL) & ~tile.all((-1, -2)))
 
 
 @SETTINGS
-@given(data=st.data(), T=st.integers(1, 40), S=st.integers(1, 40),
-       block_q=st.integers(1, 48), block_kv=st.integers(1, 48), group=st.sampled_from([1, 2]))
+@given(
+  data=st.data(),
+  T=st.integers(1, 40),
+  S=st.integers(1, 40),
+  block_q=st.integers(1, 48),
+  block_kv=st.integers(1, 48),
+  group=st.sampled_from([1, 2]),
+)
 def test_blocked_equals_oracle_for_random_masks(data, T, S, block_q, block_kv, group):
   B, K, H = 2, 2, 8
   mask = data.draw(masks(B, T, S))
@@ -81,10 +93,12 @@ def test_blocked_equals_oracle_for_random_masks(data, T, S, block_q, block_kv, g
   def loss(fn, q, k, v):
     return jnp.sum(jnp.sin(fn(q, k, v).astype(jnp.float64)))
 
-  blocked = jax.jit(lambda q, k, v: blocked_attention(q, k, v, mask=mask, block_q=block_q,
-                                                      block_kv=block_kv))
+  blocked = jax.jit(
+    lambda q, k, v: blocked_attention(q, k, v, mask=mask, block_q=block_q, block_kv=block_kv)
+  )
   oracle = lambda q, k, v: attention_reference(  # noqa: E731
-      q.astype(jnp.float64), k.astype(jnp.float64), v.astype(jnp.float64), mask=mask)
+    q.astype(jnp.float64), k.astype(jnp.float64), v.astype(jnp.float64), mask=mask
+  )
   np.testing.assert_allclose(blocked(q, k, v), oracle(q, k, v), atol=2e-5, rtol=2e-5)
   grads = jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
   grads_ref = jax.grad(lambda *a: loss(oracle, *a), argnums=(0, 1, 2))(q, k, v)

@@ -26,5 +26,5 @@ def test_readme_example_runs():
 def test_readme_mechanism_table_is_fresh():
   text = readme()
   assert registry_cli.readme_with_table(text) == text, (
-      "README mechanism table is stale: run python -m attn_jax.registry --write-readme "
-      "README.md")
+    "README mechanism table is stale: run python -m attn_jax.registry --write-readme README.md"
+  )

@@ -12,48 +12,68 @@ import pytest
 from conftest import normal
 
 from attn_jax.attention import (
-    AlibiBias,
-    CausalMask,
-    ChunkedCausalMask,
-    PrefixLMMask,
-    SegmentMask,
-    dot_product_attention,
-    registry,
-    sliding_window,
+  AlibiBias,
+  CausalMask,
+  ChunkedCausalMask,
+  PrefixLMMask,
+  SegmentMask,
+  dot_product_attention,
+  registry,
+  sliding_window,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = [m.id for m in registry.all_mechanisms()]
-TIER1_FAMILY_A = ["mha", "causal", "cross_patterns", "sliding_window", "chunked_causal",
-                  "segment", "prefix_lm", "bias", "alibi", "softcap", "sinks"]
+TIER1_FAMILY_A = [
+  "mha",
+  "causal",
+  "cross_patterns",
+  "sliding_window",
+  "chunked_causal",
+  "segment",
+  "prefix_lm",
+  "bias",
+  "alibi",
+  "softcap",
+  "sinks",
+]
 
 
 def qkv(key, B=2, T=21, S=21, N=4, K=2, H=16, Hv=12, dtype=jnp.float32):
   kq, kk, kv = jax.random.split(key, 3)
-  return normal(kq, (B, T, N, H), dtype), normal(kk, (B, S, K, H), dtype), normal(
-      kv, (B, S, K, Hv), dtype)
+  return (
+    normal(kq, (B, T, N, H), dtype),
+    normal(kk, (B, S, K, H), dtype),
+    normal(kv, (B, S, K, Hv), dtype),
+  )
 
 
 def close(a, b, tol=2e-5):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol,
-                             rtol=tol)
+  np.testing.assert_allclose(
+    np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol
+  )
 
 
 def test_tier1_family_a_is_registered():
   assert set(TIER1_FAMILY_A) <= set(IDS)
   for m in registry.all_mechanisms():
     assert m.paper and m.check and m.family == "a" and m.tier == 1
-    assert set(m.implementations) <= {"reference", "xla", "pallas_tpu", "pallas_gpu",
-                                      "pallas_interpret"}
+    assert set(m.implementations) <= {
+      "reference",
+      "xla",
+      "pallas_tpu",
+      "pallas_gpu",
+      "pallas_interpret",
+    }
     assert callable(m.function())
 
 
 # (T, S) per pattern: self uses S == T; cross covers S = 1, S << T, S >> T.
 PATTERN_SIZES = {
-    registry.SELF: [(21, 21)],
-    registry.SELF_CAUSAL: [(21, 21)],
-    registry.CROSS: [(21, 1), (9, 70)],
-    registry.CROSS_CAUSAL: [(21, 1), (9, 70)],
+  registry.SELF: [(21, 21)],
+  registry.SELF_CAUSAL: [(21, 21)],
+  registry.CROSS: [(21, 1), (9, 70)],
+  registry.CROSS_CAUSAL: [(21, 1), (9, 70)],
 }
 
 
@@ -72,10 +92,10 @@ def test_cross_patterns_conformance(rng, mech_id, pattern):
     for impl in mech.implementations:
       if impl.startswith("pallas"):
         continue  # Pallas implementations are exercised by the kernel tests.
-      out = registry.run(mech_id, q, k, v, causal=causal, cross=cross, key=rng,
-                         implementation=impl)
-      ref = registry.run(mech_id, q, k, v, causal=causal, cross=cross, key=rng,
-                         implementation="reference")
+      out = registry.run(mech_id, q, k, v, causal=causal, cross=cross, key=rng, implementation=impl)
+      ref = registry.run(
+        mech_id, q, k, v, causal=causal, cross=cross, key=rng, implementation="reference"
+      )
       assert out.shape == (2, T, 4, 12)
       close(out, ref)
       assert np.all(np.isfinite(np.asarray(out)))
@@ -102,8 +122,9 @@ def test_decode_equals_full_sequence(rng, mech_id):
   q, k, v = qkv(rng, T=T, S=T)
   full = registry.run(mech_id, q, k, v, causal=True, key=rng)
   for t in (registry.PREFIX, 11, T - 1):
-    step = registry.run(mech_id, q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], causal=True,
-                        cross=True, key=rng)
+    step = registry.run(
+      mech_id, q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], causal=True, cross=True, key=rng
+    )
     close(step[:, 0], full[:, t])
 
 
@@ -122,8 +143,8 @@ def test_causal_full_prefix_and_decode_agree(rng):
   q, k, v = qkv(rng, T=24, S=24)
   full = dot_product_attention(q, k, v, mask=CausalMask())
   for i in (0, 11, 23):
-    prefix = dot_product_attention(q[:, :i + 1], k[:, :i + 1], v[:, :i + 1], mask=CausalMask())
-    decode = dot_product_attention(q[:, i:i + 1], k[:, :i + 1], v[:, :i + 1], mask=CausalMask())
+    prefix = dot_product_attention(q[:, : i + 1], k[:, : i + 1], v[:, : i + 1], mask=CausalMask())
+    decode = dot_product_attention(q[:, i : i + 1], k[:, : i + 1], v[:, : i + 1], mask=CausalMask())
     close(prefix[:, i], full[:, i])
     close(decode[:, 0], full[:, i])
 
@@ -131,8 +152,10 @@ def test_causal_full_prefix_and_decode_agree(rng):
 def test_sliding_window_checks(rng):
   T = 30
   q, k, v = qkv(rng, T=T, S=T, N=2, K=2, Hv=16)
-  close(dot_product_attention(q, k, v, mask=sliding_window(T)),
-        dot_product_attention(q, k, v, mask=CausalMask()))
+  close(
+    dot_product_attention(q, k, v, mask=sliding_window(T)),
+    dot_product_attention(q, k, v, mask=CausalMask()),
+  )
   close(dot_product_attention(q, k, v, mask=sliding_window(1)), v)
   # Work grows linearly in T for a fixed window: visited tiles per q block stay constant.
   counts = [int(sliding_window(64).block_lists(t, t, 64, 64)[0].sum()) for t in (1024, 2048)]
@@ -142,16 +165,20 @@ def test_sliding_window_checks(rng):
 def test_chunked_causal_checks(rng):
   T = 30
   q, k, v = qkv(rng, T=T, S=T, N=2, K=2, Hv=16)
-  close(dot_product_attention(q, k, v, mask=ChunkedCausalMask(T)),
-        dot_product_attention(q, k, v, mask=CausalMask()))
+  close(
+    dot_product_attention(q, k, v, mask=ChunkedCausalMask(T)),
+    dot_product_attention(q, k, v, mask=CausalMask()),
+  )
   close(dot_product_attention(q, k, v, mask=ChunkedCausalMask(1)), v)
 
 
 def test_prefix_lm_checks(rng):
   T = 30
   q, k, v = qkv(rng, T=T, S=T)
-  close(dot_product_attention(q, k, v, mask=PrefixLMMask(0)),
-        dot_product_attention(q, k, v, mask=CausalMask()))
+  close(
+    dot_product_attention(q, k, v, mask=PrefixLMMask(0)),
+    dot_product_attention(q, k, v, mask=CausalMask()),
+  )
   close(dot_product_attention(q, k, v, mask=PrefixLMMask(T)), dot_product_attention(q, k, v))
 
 
@@ -166,21 +193,31 @@ def test_alibi_shift_invariance(rng):
   pad_v = jnp.concatenate([normal(rng, (2, 5, 4, 12), jnp.float32), v], 1)
   q_ids = jnp.ones((2, 10), jnp.int32)
   kv_ids = jnp.concatenate([jnp.zeros((2, 5), jnp.int32), q_ids], 1)
-  shifted = dot_product_attention(q, pad_k, pad_v, bias=alibi,
-                                  mask=SegmentMask(q_ids, kv_ids) & CausalMask())
+  shifted = dot_product_attention(
+    q, pad_k, pad_v, bias=alibi, mask=SegmentMask(q_ids, kv_ids) & CausalMask()
+  )
   close(shifted, out)
   np.testing.assert_allclose(np.asarray(alibi.slopes)[:3], [2**-2, 2**-4, 2**-6])
 
 
 def test_registry_json_cli():
-  out = subprocess.run([sys.executable, "-m", "attn_jax.registry", "--json"], cwd=ROOT,
-                       capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, "-m", "attn_jax.registry", "--json"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   entries = json.loads(out.stdout)
   assert [e["id"] for e in entries] == IDS
   for e in entries:
-    assert {"id", "family", "paper", "implementations", "causal", "decode",
-            "module"} <= set(e)
+    assert {"id", "family", "paper", "implementations", "causal", "decode", "module"} <= set(e)
     assert isinstance(e["implementations"], list) and isinstance(e["causal"], bool)
-  text = subprocess.run([sys.executable, "-m", "attn_jax.registry"], cwd=ROOT,
-                        capture_output=True, text=True, check=True).stdout
+  text = subprocess.run(
+    [sys.executable, "-m", "attn_jax.registry"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   assert "sliding_window" in text

@@ -32,8 +32,9 @@ def _check_array(name: str, x, rank: int, layout: str):
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise ValueError(f"{name} must be an array of shape {layout}; got {type(x).__name__}")
   if x.ndim != rank:
-    raise ValueError(f"{name} must have rank {rank} with layout {layout}; got shape "
-                     f"{tuple(x.shape)}")
+    raise ValueError(
+      f"{name} must have rank {rank} with layout {layout}; got shape {tuple(x.shape)}"
+    )
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
   if any(d == 0 for d in x.shape):
@@ -49,16 +50,22 @@ def check_qkv(q, k, v) -> Dims:
   _, S, K, _ = k.shape
   Hv = v.shape[-1]
   if k.shape[0] != B or v.shape[0] != B:
-    raise ValueError(f"q, k and v must share the batch size B; got q {tuple(q.shape)}, "
-                     f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    raise ValueError(
+      f"q, k and v must share the batch size B; got q {tuple(q.shape)}, "
+      f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+    )
   if v.shape[1] != S or v.shape[2] != K:
-    raise ValueError(f"v must have shape [B, S, K, Hv] matching k [B, S, K, H] = "
-                     f"{tuple(k.shape)}; got {tuple(v.shape)}")
+    raise ValueError(
+      f"v must have shape [B, S, K, Hv] matching k [B, S, K, H] = "
+      f"{tuple(k.shape)}; got {tuple(v.shape)}"
+    )
   if k.shape[3] != H:
     raise ValueError(f"q and k must share the head dim H; got q H={H}, k H={k.shape[3]}")
   if N % K:
-    raise ValueError(f"the number of query heads N={N} must be a multiple of the number of "
-                     f"kv heads K={K} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    raise ValueError(
+      f"the number of query heads N={N} must be a multiple of the number of "
+      f"kv heads K={K} (q {tuple(q.shape)}, k {tuple(k.shape)})"
+    )
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
   return Dims(B, T, S, N, K, H, Hv)
@@ -68,38 +75,44 @@ def check_options(dims: Dims, *, mask=None, bias=None, scale=None, softcap=None,
   """Validates the options of softmax attention against the sizes of q, k and v."""
   if mask is not None:
     if not isinstance(mask, masks_lib.Mask):
-      raise ValueError(f"mask must be a attn_jax.attention.masks.Mask (e.g. CausalMask()); got "
-                       f"{type(mask).__name__}. Dense boolean masks are not accepted: wrap "
-                       "block structure in a Mask object.")
+      raise ValueError(
+        f"mask must be a attn_jax.attention.masks.Mask (e.g. CausalMask()); got "
+        f"{type(mask).__name__}. Dense boolean masks are not accepted: wrap "
+        "block structure in a Mask object."
+      )
     mask.check_shapes(dims.B, dims.T, dims.S)
   if bias is not None:
     if isinstance(bias, biases_lib.ScoreBias):
       if bias.num_heads != dims.N:
         raise ValueError(f"bias function {bias!r} has {bias.num_heads} heads; needs N={dims.N}")
     else:
-      if not hasattr(bias, "shape") or not jnp.issubdtype(getattr(bias, "dtype", None),
-                                                          jnp.floating):
-        raise ValueError("bias must be a float array broadcastable to [B, N, T, S] or a "
-                         f"ScoreBias; got {_describe(bias)}")
+      if not hasattr(bias, "shape") or not jnp.issubdtype(
+        getattr(bias, "dtype", None), jnp.floating
+      ):
+        raise ValueError(
+          "bias must be a float array broadcastable to [B, N, T, S] or a "
+          f"ScoreBias; got {_describe(bias)}"
+        )
       want = (dims.B, dims.N, dims.T, dims.S)
       if bias.ndim != 4 or any(b not in (1, w) for b, w in zip(bias.shape, want, strict=True)):
-        raise ValueError(f"bias must have rank 4 and be broadcastable to [B, N, T, S] = {want} "
-                         f"(each dim 1 or full); got shape {tuple(bias.shape)}")
+        raise ValueError(
+          f"bias must have rank 4 and be broadcastable to [B, N, T, S] = {want} "
+          f"(each dim 1 or full); got shape {tuple(bias.shape)}"
+        )
   if scale is not None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
       raise ValueError(f"scale must be a Python float; got {type(scale).__name__}")
     if not math.isfinite(scale) or scale == 0:
       raise ValueError(f"scale must be finite and non-zero; got {scale}")
   if softcap is not None:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating,
-                                                             np.integer)):
-      raise ValueError(f"softcap must be a Python float > 0 or None; got "
-                       f"{type(softcap).__name__}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):
+      raise ValueError(f"softcap must be a Python float > 0 or None; got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap > 0):
       raise ValueError(f"softcap must be finite and > 0 (or None); got {softcap}")
   if sinks is not None:
-    if not hasattr(sinks, "shape") or not jnp.issubdtype(getattr(sinks, "dtype", None),
-                                                         jnp.floating):
+    if not hasattr(sinks, "shape") or not jnp.issubdtype(
+      getattr(sinks, "dtype", None), jnp.floating
+    ):
       raise ValueError(f"sinks must be a float array of shape [N]; got {_describe(sinks)}")
     if tuple(sinks.shape) != (dims.N,):
       raise ValueError(f"sinks must have shape [N] = ({dims.N},); got {tuple(sinks.shape)}")

@@ -25,19 +25,19 @@ def default_implementation(backend: str | None = None) -> str:
 
 
 def dot_product_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    *,
-    mask=None,
-    bias=None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sinks: Float[Array, " N"] | None = None,
-    implementation: str | None = None,
-    return_lse: bool = False,
-    block_q: int | None = None,
-    block_kv: int | None = None,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  *,
+  mask=None,
+  bias=None,
+  scale: float | None = None,
+  softcap: float | None = None,
+  sinks: Float[Array, " N"] | None = None,
+  implementation: str | None = None,
+  return_lse: bool = False,
+  block_q: int | None = None,
+  block_kv: int | None = None,
 ):
   """Softmax attention ``softmax(softcap(scale·q·kᵀ) + bias, masked) · v``.
 
@@ -70,21 +70,33 @@ def dot_product_attention(
   if implementation is None:
     implementation = default_implementation(jax.default_backend())
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None; got "
-                     f"{implementation!r}")
+    raise ValueError(
+      f"implementation must be one of {IMPLEMENTATIONS} or None; got {implementation!r}"
+    )
   if implementation in _PALLAS:
     raise NotImplementedError(
-        f"implementation={implementation!r}: the Pallas flash-attention kernels are not "
-        "built yet in attn_jax; use implementation='xla' (blocked, memory-efficient) or "
-        "'reference'.")
+      f"implementation={implementation!r}: the Pallas flash-attention kernels are not "
+      "built yet in attn_jax; use implementation='xla' (blocked, memory-efficient) or "
+      "'reference'."
+    )
   if implementation == "reference":
     if block_q is not None or block_kv is not None:
-      raise ValueError("block_q / block_kv apply to blocked implementations; the 'reference' "
-                       f"implementation takes none (got block_q={block_q}, "
-                       f"block_kv={block_kv})")
+      raise ValueError(
+        "block_q / block_kv apply to blocked implementations; the 'reference' "
+        f"implementation takes none (got block_q={block_q}, "
+        f"block_kv={block_kv})"
+      )
     return reference_lib.attention_reference(
-        q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks,
-        return_lse=return_lse)
+      q,
+      k,
+      v,
+      mask=mask,
+      bias=bias,
+      scale=scale,
+      softcap=softcap,
+      sinks=sinks,
+      return_lse=return_lse,
+    )
   blocks = {}
   if block_q is not None:
     _checks.check_block_size("block_q", block_q)
@@ -93,5 +105,14 @@ def dot_product_attention(
     _checks.check_block_size("block_kv", block_kv)
     blocks["block_kv"] = block_kv
   return xla_lib.blocked_attention(
-      q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks,
-      return_lse=return_lse, **blocks)
+    q,
+    k,
+    v,
+    mask=mask,
+    bias=bias,
+    scale=scale,
+    softcap=softcap,
+    sinks=sinks,
+    return_lse=return_lse,
+    **blocks,
+  )

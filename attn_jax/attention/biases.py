@@ -21,8 +21,9 @@ class ScoreBias:
 
   num_heads: int
 
-  def __call__(self, heads: Int[Array, " n"], q_pos: Int[Array, " tq"],
-               kv_pos: Int[Array, " tk"]) -> Float[Array, "n tq tk"]:
+  def __call__(
+    self, heads: Int[Array, " n"], q_pos: Int[Array, " tq"], kv_pos: Int[Array, " tk"]
+  ) -> Float[Array, "n tq tk"]:
     raise NotImplementedError
 
 
@@ -59,8 +60,10 @@ class AlibiBias(ScoreBias):
   def __init__(self, slopes):
     dtype = getattr(slopes, "dtype", None)
     if dtype is None or jnp.ndim(slopes) != 1 or not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError("AlibiBias slopes must be a float array of shape [N]; got "
-                       f"{type(slopes).__name__} shape={jnp.shape(slopes)} dtype={dtype}")
+      raise ValueError(
+        "AlibiBias slopes must be a float array of shape [N]; got "
+        f"{type(slopes).__name__} shape={jnp.shape(slopes)} dtype={dtype}"
+      )
     self.slopes = slopes
 
   @classmethod

@@ -97,18 +97,23 @@ class Mask:
     q_idx = jnp.arange(q_len)[:, None]
     kv_idx = jnp.arange(kv_len)[None, :]
     return jnp.broadcast_to(
-        self._visible(q_idx, kv_idx, q_offset, None),
-        ((self._batch_size(),) if self.batched else ()) + (q_len, kv_len),
+      self._visible(q_idx, kv_idx, q_offset, None),
+      ((self._batch_size(),) if self.batched else ()) + (q_len, kv_len),
     )
 
-  def block_kinds(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
-                  q_offset: int | None = None):
+  def block_kinds(
+    self, q_len: int, kv_len: int, block_q: int, block_kv: int, *, q_offset: int | None = None
+  ):
     """EMPTY / PARTIAL / FULL per (q-block, kv-block): int8 ``[nQ, nK]`` or ``[B, nQ, nK]``.
 
     Masks without arrays return a cached host numpy array; masks holding arrays a jax array.
     """
-    for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q),
-                        ("block_kv", block_kv)):
+    for name, value in (
+      ("q_len", q_len),
+      ("kv_len", kv_len),
+      ("block_q", block_q),
+      ("block_kv", block_kv),
+    ):
       _check_int(name, value, minimum=1)
     if q_offset is None:
       q_offset = kv_len - q_len
@@ -121,8 +126,9 @@ class Mask:
     """True when the mask carries arrays (possibly traced): block maps use jax.numpy."""
     return bool(jax.tree_util.tree_leaves(self))
 
-  def block_lists(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
-                  q_offset: int | None = None):
+  def block_lists(
+    self, q_len: int, kv_len: int, block_q: int, block_kv: int, *, q_offset: int | None = None
+  ):
     """Compacted non-empty kv blocks per q block.
 
     Returns ``(kv_count [.., nQ], kv_index [.., nQ, M], kv_full [.., nQ, M])``: the number
@@ -137,8 +143,9 @@ class Mask:
     # Bounds are static (numpy) either way; xp is the library for the mask's own data.
     q_lo, q_hi = _block_bounds(q_len, block_q)
     kv_lo, kv_hi = _block_bounds(kv_len, block_kv)
-    any_, all_ = self._any_all(q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :],
-                               q_offset, xp)
+    any_, all_ = self._any_all(
+      q_lo[:, None], q_hi[:, None], kv_lo[None, :], kv_hi[None, :], q_offset, xp
+    )
     shape = ((self._batch_size(),) if self.batched else ()) + (len(q_lo), len(kv_lo))
     kinds = xp.where(all_, FULL, xp.where(any_, PARTIAL, EMPTY)).astype(xp.int8)
     return xp.broadcast_to(kinds, shape)
@@ -149,8 +156,9 @@ class Mask:
 
 def _as_mask(value, side: str) -> Mask:
   if not isinstance(value, Mask):
-    raise ValueError(f"can only combine a Mask with a Mask; the {side} operand is "
-                     f"{type(value).__name__}")
+    raise ValueError(
+      f"can only combine a Mask with a Mask; the {side} operand is {type(value).__name__}"
+    )
   return value
 
 
@@ -295,8 +303,7 @@ class ChunkedCausalMask(_StaticMask):
     return causal._visible(q_idx, kv_idx, q_offset, b) & same._visible(q_idx, kv_idx, q_offset, b)
 
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
-    (a1, f1), (a2, f2) = (m._any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)
-                          for m in self._parts())
+    (a1, f1), (a2, f2) = (m._any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp) for m in self._parts())
     return a1 & a2, f1 & f2
 
 
@@ -331,8 +338,10 @@ class PrefixLMMask(Mask):
       shape = jnp.shape(prefix_len)
       dtype = getattr(prefix_len, "dtype", None)
       if len(shape) != 1 or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError("PrefixLMMask prefix_len must be an int or an int array of shape [B]; "
-                         f"got {type(prefix_len).__name__} shape={shape} dtype={dtype}")
+        raise ValueError(
+          "PrefixLMMask prefix_len must be an int or an int array of shape [B]; "
+          f"got {type(prefix_len).__name__} shape={shape} dtype={dtype}"
+        )
     self.prefix_len = prefix_len
 
   @property
@@ -344,8 +353,9 @@ class PrefixLMMask(Mask):
 
   def check_shapes(self, batch, q_len, kv_len):
     if self.batched and self._batch_size() != batch:
-      raise ValueError(f"PrefixLMMask prefix_len has shape {jnp.shape(self.prefix_len)}; "
-                       f"needs [B] with B={batch}")
+      raise ValueError(
+        f"PrefixLMMask prefix_len has shape {jnp.shape(self.prefix_len)}; needs [B] with B={batch}"
+      )
 
   def _prefix(self, b):
     return _lead(_take_batch(self.prefix_len, b), b) if self.batched else self.prefix_len
@@ -385,8 +395,10 @@ class PrefixLMMask(Mask):
 def _int_array(name: str, x, rank: int, what: str):
   dtype = getattr(x, "dtype", None)
   if dtype is None or jnp.ndim(x) != rank or not jnp.issubdtype(dtype, jnp.integer):
-    raise ValueError(f"{name} must be an int array of shape {what}; got "
-                     f"{type(x).__name__} shape={jnp.shape(x)} dtype={dtype}")
+    raise ValueError(
+      f"{name} must be an int array of shape {what}; got "
+      f"{type(x).__name__} shape={jnp.shape(x)} dtype={dtype}"
+    )
 
 
 @jax.tree_util.register_pytree_node_class
@@ -407,8 +419,10 @@ class SegmentMask(Mask):
     _int_array("q_segment_ids", q_segment_ids, 2, "[B, T]")
     _int_array("kv_segment_ids", kv_segment_ids, 2, "[B, S]")
     if jnp.shape(q_segment_ids)[0] != jnp.shape(kv_segment_ids)[0]:
-      raise ValueError(f"q_segment_ids {jnp.shape(q_segment_ids)} and kv_segment_ids "
-                       f"{jnp.shape(kv_segment_ids)} must have the same batch size")
+      raise ValueError(
+        f"q_segment_ids {jnp.shape(q_segment_ids)} and kv_segment_ids "
+        f"{jnp.shape(kv_segment_ids)} must have the same batch size"
+      )
     _check_int("padding_id", padding_id, minimum=-(2**31), allow_none=True)
     self.q_segment_ids = q_segment_ids
     self.kv_segment_ids = kv_segment_ids
@@ -420,11 +434,13 @@ class SegmentMask(Mask):
   def check_shapes(self, batch, q_len, kv_len):
     want_q, want_kv = (batch, q_len), (batch, kv_len)
     if tuple(jnp.shape(self.q_segment_ids)) != want_q:
-      raise ValueError(f"q_segment_ids has shape {jnp.shape(self.q_segment_ids)}; "
-                       f"needs [B, T] = {want_q}")
+      raise ValueError(
+        f"q_segment_ids has shape {jnp.shape(self.q_segment_ids)}; needs [B, T] = {want_q}"
+      )
     if tuple(jnp.shape(self.kv_segment_ids)) != want_kv:
-      raise ValueError(f"kv_segment_ids has shape {jnp.shape(self.kv_segment_ids)}; "
-                       f"needs [B, S] = {want_kv}")
+      raise ValueError(
+        f"kv_segment_ids has shape {jnp.shape(self.kv_segment_ids)}; needs [B, S] = {want_kv}"
+      )
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
     q_ids = _take_batch(self.q_segment_ids, b)
@@ -462,8 +478,10 @@ class SegmentMask(Mask):
     return obj
 
   def __repr__(self):
-    return (f"SegmentMask(q_segment_ids{jnp.shape(self.q_segment_ids)}, "
-            f"kv_segment_ids{jnp.shape(self.kv_segment_ids)}, padding_id={self.padding_id})")
+    return (
+      f"SegmentMask(q_segment_ids{jnp.shape(self.q_segment_ids)}, "
+      f"kv_segment_ids{jnp.shape(self.kv_segment_ids)}, padding_id={self.padding_id})"
+    )
 
 
 def _block_range(ids_BL, lo, hi):
@@ -492,16 +510,22 @@ class BlockSparseMask(Mask):
     if isinstance(block_size, (int, np.integer)):
       block_size = (block_size, block_size)
     if not (isinstance(block_size, tuple) and len(block_size) == 2):
-      raise ValueError(f"BlockSparseMask block_size must be an int or a pair of ints; "
-                       f"got {block_size!r}")
+      raise ValueError(
+        f"BlockSparseMask block_size must be an int or a pair of ints; got {block_size!r}"
+      )
     _check_int("BlockSparseMask block_size[0]", block_size[0], minimum=1)
     _check_int("BlockSparseMask block_size[1]", block_size[1], minimum=1)
     dtype = getattr(block_indices, "dtype", None)
-    if (dtype is None or jnp.ndim(block_indices) not in (2, 3)
-        or not jnp.issubdtype(dtype, jnp.integer)):
-      raise ValueError("BlockSparseMask block_indices must be an int array of shape [nQ, M] or "
-                       f"[B, nQ, M]; got {type(block_indices).__name__} "
-                       f"shape={jnp.shape(block_indices)} dtype={dtype}")
+    if (
+      dtype is None
+      or jnp.ndim(block_indices) not in (2, 3)
+      or not jnp.issubdtype(dtype, jnp.integer)
+    ):
+      raise ValueError(
+        "BlockSparseMask block_indices must be an int array of shape [nQ, M] or "
+        f"[B, nQ, M]; got {type(block_indices).__name__} "
+        f"shape={jnp.shape(block_indices)} dtype={dtype}"
+      )
     self.block_indices = block_indices
     self.block_size = (int(block_size[0]), int(block_size[1]))
 
@@ -517,8 +541,10 @@ class BlockSparseMask(Mask):
     shape = jnp.shape(self.block_indices)
     if shape[-2] != n_q or (self.batched and shape[0] != batch):
       want = f"[{batch}, {n_q}, M] or [{n_q}, M]"
-      raise ValueError(f"BlockSparseMask block_indices has shape {shape}; needs {want} "
-                       f"(T={q_len} in q blocks of {self.block_size[0]})")
+      raise ValueError(
+        f"BlockSparseMask block_indices has shape {shape}; needs {want} "
+        f"(T={q_len} in q blocks of {self.block_size[0]})"
+      )
 
   def _grid(self, kv_len):
     """Bool [.., nQm, nKm] of listed blocks."""
@@ -609,8 +635,9 @@ class AndMask(_Combined):
   """Visible where both masks are visible."""
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
-    return (self.left._visible(q_idx, kv_idx, q_offset, b)
-            & self.right._visible(q_idx, kv_idx, q_offset, b))
+    return self.left._visible(q_idx, kv_idx, q_offset, b) & self.right._visible(
+      q_idx, kv_idx, q_offset, b
+    )
 
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
     (a1, f1), (a2, f2) = self._parts_any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)
@@ -625,8 +652,9 @@ class OrMask(_Combined):
   """Visible where either mask is visible."""
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
-    return (self.left._visible(q_idx, kv_idx, q_offset, b)
-            | self.right._visible(q_idx, kv_idx, q_offset, b))
+    return self.left._visible(q_idx, kv_idx, q_offset, b) | self.right._visible(
+      q_idx, kv_idx, q_offset, b
+    )
 
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
     (a1, f1), (a2, f2) = self._parts_any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)

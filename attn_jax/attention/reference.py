@@ -22,17 +22,17 @@ from attn_jax.attention import biases as biases_lib
 
 
 def attention_reference(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    *,
-    mask=None,
-    bias=None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sinks: Float[Array, " N"] | None = None,
-    return_lse: bool = False,
-    return_probs: bool = False,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  *,
+  mask=None,
+  bias=None,
+  scale: float | None = None,
+  softcap: float | None = None,
+  sinks: Float[Array, " N"] | None = None,
+  return_lse: bool = False,
+  return_probs: bool = False,
 ):
   """Naive softmax attention.
 
@@ -77,8 +77,7 @@ def attention_reference(
   if sinks is not None:
     sink_BNT = jnp.broadcast_to(sinks.astype(dtype)[None, :, None], (B, N, T))
     row_max_BNT = jnp.maximum(row_max_BNT, sink_BNT)
-  row_max_BNT = jax.lax.stop_gradient(
-      jnp.where(jnp.isfinite(row_max_BNT), row_max_BNT, 0.0))
+  row_max_BNT = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max_BNT), row_max_BNT, 0.0))
   exp_BNTS = jnp.exp(logits_BNTS - row_max_BNT[..., None])
   denom_BNT = exp_BNTS.sum(-1)
   if sinks is not None:

@@ -75,10 +75,17 @@ class Mechanism:
 
   def as_json(self) -> dict[str, Any]:
     return {
-        "id": self.id, "family": self.family, "paper": self.paper,
-        "entry_point": self.entry_point, "implementations": list(self.implementations),
-        "patterns": [p for p in PATTERNS if p in self.patterns], "causal": self.causal,
-        "decode": self.decode, "tier": self.tier, "check": self.check, "module": self.module,
+      "id": self.id,
+      "family": self.family,
+      "paper": self.paper,
+      "entry_point": self.entry_point,
+      "implementations": list(self.implementations),
+      "patterns": [p for p in PATTERNS if p in self.patterns],
+      "causal": self.causal,
+      "decode": self.decode,
+      "tier": self.tier,
+      "check": self.check,
+      "module": self.module,
     }
 
 
@@ -90,8 +97,10 @@ def register(mechanism: Mechanism) -> Mechanism:
     raise ValueError(f"mechanism id {mechanism.id!r} is already registered")
   bad = set(mechanism.patterns) - ALL_PATTERNS
   if bad or not mechanism.patterns:
-    raise ValueError(f"{mechanism.id}: patterns must be a non-empty subset of {PATTERNS}; "
-                     f"got {sorted(mechanism.patterns)}")
+    raise ValueError(
+      f"{mechanism.id}: patterns must be a non-empty subset of {PATTERNS}; "
+      f"got {sorted(mechanism.patterns)}"
+    )
   _REGISTRY[mechanism.id] = mechanism
   return mechanism
 
@@ -100,16 +109,27 @@ def get(mechanism_id: str) -> Mechanism:
   try:
     return _REGISTRY[mechanism_id]
   except KeyError:
-    raise ValueError(f"unknown attention mechanism {mechanism_id!r}; registered ids: "
-                     f"{sorted(_REGISTRY)}") from None
+    raise ValueError(
+      f"unknown attention mechanism {mechanism_id!r}; registered ids: {sorted(_REGISTRY)}"
+    ) from None
 
 
 def all_mechanisms() -> list[Mechanism]:
   return list(_REGISTRY.values())
 
 
-def run(mechanism_id: str, q, k, v, *, causal: bool, cross: bool = False, key=None,
-        implementation: str | None = None, **overrides):
+def run(
+  mechanism_id: str,
+  q,
+  k,
+  v,
+  *,
+  causal: bool,
+  cross: bool = False,
+  key=None,
+  implementation: str | None = None,
+  **overrides,
+):
   """Runs a registered mechanism on q/k/v in one of the four patterns.
 
   Args:
@@ -128,11 +148,15 @@ def run(mechanism_id: str, q, k, v, *, causal: bool, cross: bool = False, key=No
   dims = _checks.check_qkv(q, k, v)
   pattern = pattern_name(causal=causal, cross=cross)
   if not cross and dims.S != dims.T:
-    raise ValueError(f"self-attention needs S == T; got T={dims.T}, S={dims.S} (pass "
-                     "cross=True for cross-attention)")
+    raise ValueError(
+      f"self-attention needs S == T; got T={dims.T}, S={dims.S} (pass "
+      "cross=True for cross-attention)"
+    )
   if pattern not in mech.patterns:
-    raise ValueError(f"mechanism {mech.id!r} does not support the {pattern!r} pattern; it "
-                     f"supports {[p for p in PATTERNS if p in mech.patterns]}")
+    raise ValueError(
+      f"mechanism {mech.id!r} does not support the {pattern!r} pattern; it "
+      f"supports {[p for p in PATTERNS if p in mech.patterns]}"
+    )
   key = jax.random.key(0) if key is None else key
   kwargs = mech.build(key, dims, causal)
   kwargs.update(overrides)
@@ -203,60 +227,118 @@ def _build_softcap(key, dims, causal):
 
 
 def _build_sinks(key, dims, causal):
-  return {"mask": _causal_or_none(causal),
-          "sinks": jax.random.normal(key, (dims.N,), jnp.float32)}
+  return {"mask": _causal_or_none(causal), "sinks": jax.random.normal(key, (dims.N,), jnp.float32)}
 
 
 def _softmax_entry(id, paper, build, patterns, decode, check, tier=1):
-  return register(Mechanism(
-      id=id, family="a", paper=paper, entry_point=_DOT_PRODUCT,
-      implementations=SOFTMAX_IMPLEMENTATIONS, patterns=patterns, decode=decode, tier=tier,
-      check=check, build=build))
+  return register(
+    Mechanism(
+      id=id,
+      family="a",
+      paper=paper,
+      entry_point=_DOT_PRODUCT,
+      implementations=SOFTMAX_IMPLEMENTATIONS,
+      patterns=patterns,
+      decode=decode,
+      tier=tier,
+      check=check,
+      build=build,
+    )
+  )
 
 
 _softmax_entry(
-    "mha", "Attention Is All You Need (baseline: scaled dot-product multi-head attention)",
-    _build_plain, ALL_PATTERNS, True,
-    "blocked equals the oracle at awkward sizes (fp32, bf16); non-causal output invariant to "
-    "permuting (k, v) pairs jointly")
+  "mha",
+  "Attention Is All You Need (baseline: scaled dot-product multi-head attention)",
+  _build_plain,
+  ALL_PATTERNS,
+  True,
+  "blocked equals the oracle at awkward sizes (fp32, bf16); non-causal output invariant to "
+  "permuting (k, v) pairs jointly",
+)
 _softmax_entry(
-    "causal", "Causal mask (baseline; causality test of CAB: Comprehensive Attention "
-    "Benchmarking on Long Sequence Modeling)", _build_plain, CAUSAL_PATTERNS, True,
-    "output at i equal from the full sequence, from the prefix [0, i], and by decoding")
+  "causal",
+  "Causal mask (baseline; causality test of CAB: Comprehensive Attention "
+  "Benchmarking on Long Sequence Modeling)",
+  _build_plain,
+  CAUSAL_PATTERNS,
+  True,
+  "output at i equal from the full sequence, from the prefix [0, i], and by decoding",
+)
 _softmax_entry(
-    "cross_patterns", "CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling",
-    _build_plain, ALL_PATTERNS, True,
-    "every entry runs its declared patterns against the oracle and raises on the others; "
-    "S = 1 and S >> T work")
+  "cross_patterns",
+  "CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling",
+  _build_plain,
+  ALL_PATTERNS,
+  True,
+  "every entry runs its declared patterns against the oracle and raises on the others; "
+  "S = 1 and S >> T work",
+)
 _softmax_entry(
-    "sliding_window", "Local / sliding-window mask (baseline)", _build_window, ALL_PATTERNS,
-    True, "w >= T equals causal; w = 1 returns v_i; work grows linearly in T for fixed w")
+  "sliding_window",
+  "Local / sliding-window mask (baseline)",
+  _build_window,
+  ALL_PATTERNS,
+  True,
+  "w >= T equals causal; w = 1 returns v_i; work grows linearly in T for fixed w",
+)
 _softmax_entry(
-    "chunked_causal", "Chunked (block-diagonal) causal attention (baseline)", _build_chunked,
-    CAUSAL_PATTERNS, True, "c >= T equals causal; c = 1 returns v_i")
+  "chunked_causal",
+  "Chunked (block-diagonal) causal attention (baseline)",
+  _build_chunked,
+  CAUSAL_PATTERNS,
+  True,
+  "c >= T equals causal; c = 1 returns v_i",
+)
 _softmax_entry(
-    "segment", "Segment / document masking for packed sequences (baseline)", _build_segment,
-    ALL_PATTERNS, False,
-    "a packed batch equals each document run alone; padding-id rows return zeros")
+  "segment",
+  "Segment / document masking for packed sequences (baseline)",
+  _build_segment,
+  ALL_PATTERNS,
+  False,
+  "a packed batch equals each document run alone; padding-id rows return zeros",
+)
 _softmax_entry(
-    "prefix_lm", "Prefix-LM mask (baseline)", _build_prefix, CAUSAL_PATTERNS, True,
-    "P = 0 equals causal; P = T equals non-causal attention")
+  "prefix_lm",
+  "Prefix-LM mask (baseline)",
+  _build_prefix,
+  CAUSAL_PATTERNS,
+  True,
+  "P = 0 equals causal; P = T equals non-causal attention",
+)
 _softmax_entry(
-    "bias", "Additive attention bias (baseline); Cones 2: Customizable Image Synthesis with "
-    "Multiple Subjects", _build_bias, ALL_PATTERNS, False,
-    "bias gradient equals the oracle; a -inf bias equals masking; a per-row constant bias "
-    "changes nothing")
+  "bias",
+  "Additive attention bias (baseline); Cones 2: Customizable Image Synthesis with "
+  "Multiple Subjects",
+  _build_bias,
+  ALL_PATTERNS,
+  False,
+  "bias gradient equals the oracle; a -inf bias equals masking; a per-row constant bias "
+  "changes nothing",
+)
 _softmax_entry(
-    "alibi", "Train Short, Test Long: Attention with Linear Biases Enables Input Length "
-    "Extrapolation", _build_alibi, CAUSAL_PATTERNS, True,
-    "slope 0 equals causal; the in-tile bias equals the dense bias tensor; shifting all "
-    "positions changes nothing")
+  "alibi",
+  "Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation",
+  _build_alibi,
+  CAUSAL_PATTERNS,
+  True,
+  "slope 0 equals causal; the in-tile bias equals the dense bias tensor; shifting all "
+  "positions changes nothing",
+)
 _softmax_entry(
-    "softcap", "Gemma 2: Improving Open Language Models at a Practical Size (logit "
-    "soft-capping)", _build_softcap, ALL_PATTERNS, True,
-    "c -> inf equals plain attention; capped logits lie in (-c, c); gradient equals the oracle")
+  "softcap",
+  "Gemma 2: Improving Open Language Models at a Practical Size (logit soft-capping)",
+  _build_softcap,
+  ALL_PATTERNS,
+  True,
+  "c -> inf equals plain attention; capped logits lie in (-c, c); gradient equals the oracle",
+)
 _softmax_entry(
-    "sinks", "Efficient Streaming Language Models with Attention Sinks (sink logit, "
-    "off-by-one softmax)", _build_sinks, ALL_PATTERNS, True,
-    "sigma -> -inf equals softmax; equals the oracle with one extra zero-value key of logit "
-    "sigma; row sums in (0, 1)")
+  "sinks",
+  "Efficient Streaming Language Models with Attention Sinks (sink logit, off-by-one softmax)",
+  _build_sinks,
+  ALL_PATTERNS,
+  True,
+  "sigma -> -inf equals softmax; equals the oracle with one extra zero-value key of logit "
+  "sigma; row sums in (0, 1)",
+)

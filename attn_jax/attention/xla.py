@@ -14,7 +14,9 @@ How it works:
   * GQA/MQA without repeating K/V: the tile holds the G query heads of one kv head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
-    per q block, dk/dv/bias-gradients scattered into their blocks).
+    per q block, dk/dv/bias-gradients scattered into their blocks). A dense bias's
+    gradient is accumulated per (example, kv head) before summing over broadcast axes,
+    so a bias broadcast over B or N costs B·K times its own size during the backward.
 
 Differentiation: first-order reverse mode (grad, vjp) of every input, including the dense
 bias, sink logits and the parameters of a ScoreBias. Forward mode and second order are not
@@ -54,25 +56,24 @@ class _Config(NamedTuple):
   scale: float
   softcap: float | None
   bias_axes: tuple[bool, ...] | None  # per [B, K, G, T, S]: is the dense bias full there
-  has_bias_fn: bool
   has_sinks: bool
   masked: bool  # a mask (beyond the padding of the last kv block) is present
   lists_batched: bool
 
 
 def blocked_attention(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K Hv"],
-    *,
-    mask=None,
-    bias=None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sinks: Float[Array, " N"] | None = None,
-    return_lse: bool = False,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_kv: int = DEFAULT_BLOCK_KV,
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  *,
+  mask=None,
+  bias=None,
+  scale: float | None = None,
+  softcap: float | None = None,
+  sinks: Float[Array, " N"] | None = None,
+  return_lse: bool = False,
+  block_q: int = DEFAULT_BLOCK_Q,
+  block_kv: int = DEFAULT_BLOCK_KV,
 ):
   """Blocked softmax attention with block skipping and a recomputing backward.
 
@@ -126,12 +127,23 @@ def blocked_attention(
     bias_axes = (bB > 1, bK > 1, bG > 1, bT > 1, bS > 1)
   sinks_KG = None if sinks is None else sinks.astype(dtype).reshape(K, G)
 
-  cfg = _Config(T=T, S=S, block_q=bq, block_kv=bk, num_q_blocks=nQ, q_offset=q_offset,
-                scale=_checks.default_scale(H, scale), softcap=softcap, bias_axes=bias_axes,
-                has_bias_fn=bias_fn is not None, has_sinks=sinks is not None, masked=masked,
-                lists_batched=lists[0].ndim == 2)
-  out_BKGTV, lse_BKGT = _flash(cfg, q_BKGTH, k_BKSH, v_BKSV, dense_bias, bias_fn, sinks_KG,
-                               mask, lists)
+  cfg = _Config(
+    T=T,
+    S=S,
+    block_q=bq,
+    block_kv=bk,
+    num_q_blocks=nQ,
+    q_offset=q_offset,
+    scale=_checks.default_scale(H, scale),
+    softcap=softcap,
+    bias_axes=bias_axes,
+    has_sinks=sinks is not None,
+    masked=masked,
+    lists_batched=lists[0].ndim == 2,
+  )
+  out_BKGTV, lse_BKGT = _flash(
+    cfg, q_BKGTH, k_BKSH, v_BKSV, dense_bias, bias_fn, sinks_KG, mask, lists
+  )
   out = out_BKGTV[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
   if return_lse:
     return out, lse_BKGT[..., :T].reshape(B, N, T)
@@ -182,8 +194,9 @@ def _apply_mask(cfg, s, is_full, mask, b, q_idx, kv_idx, transposed):
   if cfg.masked:
     # A branch (lax.cond) on is_full would skip this arithmetic but costs a tile copy on
     # the XLA CPU backend, which is slower than the fused compare measured here.
-    visible = in_range & (is_full | mask.visible(q_grid, kv_grid, q_offset=cfg.q_offset,
-                                                 batch_index=b))
+    visible = in_range & (
+      is_full | mask.visible(q_grid, kv_grid, q_offset=cfg.q_offset, batch_index=b)
+    )
   visible = visible[:, None, :] if transposed else visible[None]
   return jnp.where(visible, s, -jnp.inf)
 
@@ -218,8 +231,17 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
       k_kH = jax.lax.dynamic_slice_in_dim(k_SH, kb * bk, bk, axis=0)  # [bk, H]
       v_kV = jax.lax.dynamic_slice_in_dim(v_SV, kb * bk, bk, axis=0)  # [bk, Hv]
       kv_idx = kb * bk + jnp.arange(bk)
-      _, s_Gqk = _tile_logits(cfg, q_GqH, k_kH, _bias_tile(cfg, dense_bias, qi, kb), bias_fn,
-                              heads_G, q_idx, kv_idx, transposed=False)
+      _, s_Gqk = _tile_logits(
+        cfg,
+        q_GqH,
+        k_kH,
+        _bias_tile(cfg, dense_bias, qi, kb),
+        bias_fn,
+        heads_G,
+        q_idx,
+        kv_idx,
+        transposed=False,
+      )
       s_Gqk = _apply_mask(cfg, s_Gqk, full_QM[qi, j], mask, b, q_idx, kv_idx, transposed=False)
       m_new_Gq = jnp.maximum(m_Gq, s_Gqk.max(-1))
       m_safe_Gq = jnp.where(m_new_Gq == -jnp.inf, 0.0, m_new_Gq)
@@ -229,8 +251,11 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
       acc_GqV = correction_Gq[..., None] * acc_GqV + _rows_matmul(p_Gqk, v_kV)
       return m_new_Gq, l_Gq, acc_GqV
 
-    init = (jnp.full((G, bq), -jnp.inf, q_GTH.dtype), jnp.zeros((G, bq), q_GTH.dtype),
-            jnp.zeros((G, bq, Hv), q_GTH.dtype))
+    init = (
+      jnp.full((G, bq), -jnp.inf, q_GTH.dtype),
+      jnp.zeros((G, bq), q_GTH.dtype),
+      jnp.zeros((G, bq, Hv), q_GTH.dtype),
+    )
     m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(0, count_Q[qi], kv_step, init)
     if cfg.has_sinks:
       sink_G1 = sinks_G[:, None]
@@ -251,8 +276,22 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
   return out_GTV, lse_GT
 
 
-def _backward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lists, b, kh,
-                  delta_GT, lse_GT, dout_GTV):
+def _backward_one(
+  cfg,
+  q_GTH,
+  k_SH,
+  v_SV,
+  dense_bias,
+  bias_fn,
+  sinks_G,
+  mask,
+  lists,
+  b,
+  kh,
+  delta_GT,
+  lse_GT,
+  dout_GTV,
+):
   count_Q, index_QM, full_QM = lists
   G, Tp, H = q_GTH.shape
   bq, bk = cfg.block_q, cfg.block_kv
@@ -276,8 +315,17 @@ def _backward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, li
       k_kH = jax.lax.dynamic_slice_in_dim(k_SH, kb * bk, bk, axis=0)
       v_kV = jax.lax.dynamic_slice_in_dim(v_SV, kb * bk, bk, axis=0)
       kv_idx = kb * bk + jnp.arange(bk)
-      raw_kGq, s_kGq = _tile_logits(cfg, q_GqH, k_kH, _bias_tile(cfg, dense_bias, qi, kb),
-                                    bias_fn, heads_G, q_idx, kv_idx, transposed=True)
+      raw_kGq, s_kGq = _tile_logits(
+        cfg,
+        q_GqH,
+        k_kH,
+        _bias_tile(cfg, dense_bias, qi, kb),
+        bias_fn,
+        heads_G,
+        q_idx,
+        kv_idx,
+        transposed=True,
+      )
       s_kGq = _apply_mask(cfg, s_kGq, full_QM[qi, j], mask, b, q_idx, kv_idx, transposed=True)
       p_kR = jnp.exp(s_kGq - lse_Gq[None]).reshape(bk, R)  # [bk, G*bq]
       dv_kV = p_kR @ do_RV
@@ -288,8 +336,7 @@ def _backward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, li
         if dbias is not None:
           dbias = _scatter_bias_grad(cfg, dbias, ds_Gqk, qi, kb)
         if dfn is not None:
-          fn_out, fn_vjp = jax.vjp(lambda fn: fn(heads_G, q_idx + cfg.q_offset, kv_idx),
-                                   bias_fn)
+          fn_out, fn_vjp = jax.vjp(lambda fn: fn(heads_G, q_idx + cfg.q_offset, kv_idx), bias_fn)
           (dfn_tile,) = fn_vjp(ds_Gqk.astype(fn_out.dtype))
           dfn = jax.tree.map(jnp.add, dfn, dfn_tile)
       if cfg.softcap is not None:
@@ -308,7 +355,8 @@ def _backward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, li
   dfn0 = None if bias_fn is None else jax.tree.map(jnp.zeros_like, bias_fn)
   carry0 = (jnp.zeros_like(k_SH), jnp.zeros_like(v_SV), dbias0, dfn0)
   (dk_SH, dv_SV, dbias, dfn), dq_QGqH = jax.lax.scan(
-      q_block, carry0, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+    q_block, carry0, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32)
+  )
   dq_GTH = dq_QGqH.transpose(1, 0, 2, 3).reshape(G, Tp, H)
   return dq_GTH, dk_SH, dv_SV, dbias, dfn
 
@@ -346,10 +394,12 @@ def _vmapped(fn, cfg, dense_bias, extra_axes=()):
     bias_b = 0 if cfg.bias_axes[0] else None
     bias_k = 0 if cfg.bias_axes[1] else None
   lists_b = 0 if cfg.lists_batched else None
-  inner = jax.vmap(functools.partial(fn, cfg),
-                   in_axes=(0, 0, 0, bias_k, None, 0, None, None, None, 0) + extra_axes)
-  outer = jax.vmap(inner, in_axes=(0, 0, 0, bias_b, None, None, None, lists_b, 0, None)
-                   + extra_axes)
+  inner = jax.vmap(
+    functools.partial(fn, cfg), in_axes=(0, 0, 0, bias_k, None, 0, None, None, None, 0) + extra_axes
+  )
+  outer = jax.vmap(
+    inner, in_axes=(0, 0, 0, bias_b, None, None, None, lists_b, 0, None) + extra_axes
+  )
   return outer
 
 
@@ -395,13 +445,15 @@ def _flash_bwd(cfg, residuals, cotangents):
   bias = _squeeze_bias_axes(cfg, dense_bias)
   sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
   bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0))
-  dq, dk, dv, dbias, dfn = bwd(q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B),
-                               jnp.arange(K), delta, lse, dout)
+  dq, dk, dv, dbias, dfn = bwd(
+    q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B), jnp.arange(K), delta, lse, dout
+  )
   # dk/dv: [B, K, Sp, H] already summed over the G query heads of each kv head.
   if dense_bias is not None:  # dbias: [B, K, G', Tp', Sp'] -> the broadcast shape
     keep_b, keep_k = cfg.bias_axes[:2]
-    dbias = dbias.sum(axis=tuple(a for a, keep in ((0, keep_b), (1, keep_k)) if not keep),
-                      keepdims=True)
+    dbias = dbias.sum(
+      axis=tuple(a for a, keep in ((0, keep_b), (1, keep_k)) if not keep), keepdims=True
+    )
     dbias = dbias.astype(dense_bias.dtype)
   if dfn is not None:
     dfn = jax.tree.map(lambda g: g.sum((0, 1)), dfn)
