@@ -97,13 +97,10 @@ def dot_product_attention(
       sinks=sinks,
       return_lse=return_lse,
     )
-  blocks = {}
-  if block_q is not None:
-    _checks.check_block_size("block_q", block_q)
-    blocks["block_q"] = block_q
-  if block_kv is not None:
-    _checks.check_block_size("block_kv", block_kv)
-    blocks["block_kv"] = block_kv
+  # Tile sizes default per implementation; blocked_attention validates them.
+  blocks = {
+    name: size for name, size in (("block_q", block_q), ("block_kv", block_kv)) if size is not None
+  }
   return xla_lib.blocked_attention(
     q,
     k,

@@ -214,35 +214,53 @@ def _bias_tile(cfg, dense_bias, qi, kb):
   return tile
 
 
+class _Tile(NamedTuple):
+  """What a q block needs to load any of its kv tiles."""
+
+  q_GqH: Array
+  q_idx: Array
+  k_SH: Array
+  v_SV: Array
+  dense_bias: Array | None
+  bias_fn: object
+  heads_G: Array
+  mask: object
+  b: Array
+  index_QM: Array
+  full_QM: Array
+
+
+def _load_tile(cfg, tile, qi, j, transposed):
+  """The j-th listed kv tile of q block qi: (k, v, kv_idx, raw logits, masked logits)."""
+  bk = cfg.block_kv
+  kb = tile.index_QM[qi, j]
+  k_kH = jax.lax.dynamic_slice_in_dim(tile.k_SH, kb * bk, bk, axis=0)  # [bk, H]
+  v_kV = jax.lax.dynamic_slice_in_dim(tile.v_SV, kb * bk, bk, axis=0)  # [bk, Hv]
+  kv_idx = kb * bk + jnp.arange(bk)
+  bias = _bias_tile(cfg, tile.dense_bias, qi, kb)
+  raw, s = _tile_logits(
+    cfg, tile.q_GqH, k_kH, bias, tile.bias_fn, tile.heads_G, tile.q_idx, kv_idx, transposed
+  )
+  is_full = tile.full_QM[qi, j]
+  s = _apply_mask(cfg, s, is_full, tile.mask, tile.b, tile.q_idx, kv_idx, transposed)
+  return k_kH, v_kV, kv_idx, raw, s
+
+
 def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lists, b, kh):
   count_Q, index_QM, full_QM = lists
   G = q_GTH.shape[0]
   Hv = v_SV.shape[-1]
-  bq, bk = cfg.block_q, cfg.block_kv
+  bq = cfg.block_q
   heads_G = kh * G + jnp.arange(G)
 
   def q_block(qi):
     q_GqH = jax.lax.dynamic_slice_in_dim(q_GTH, qi * bq, bq, axis=1)
     q_idx = qi * bq + jnp.arange(bq)
+    tile = _Tile(q_GqH, q_idx, k_SH, v_SV, dense_bias, bias_fn, heads_G, mask, b, index_QM, full_QM)
 
     def kv_step(j, carry):
       m_Gq, l_Gq, acc_GqV = carry
-      kb = index_QM[qi, j]
-      k_kH = jax.lax.dynamic_slice_in_dim(k_SH, kb * bk, bk, axis=0)  # [bk, H]
-      v_kV = jax.lax.dynamic_slice_in_dim(v_SV, kb * bk, bk, axis=0)  # [bk, Hv]
-      kv_idx = kb * bk + jnp.arange(bk)
-      _, s_Gqk = _tile_logits(
-        cfg,
-        q_GqH,
-        k_kH,
-        _bias_tile(cfg, dense_bias, qi, kb),
-        bias_fn,
-        heads_G,
-        q_idx,
-        kv_idx,
-        transposed=False,
-      )
-      s_Gqk = _apply_mask(cfg, s_Gqk, full_QM[qi, j], mask, b, q_idx, kv_idx, transposed=False)
+      _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, j, transposed=False)
       m_new_Gq = jnp.maximum(m_Gq, s_Gqk.max(-1))
       m_safe_Gq = jnp.where(m_new_Gq == -jnp.inf, 0.0, m_new_Gq)
       p_Gqk = jnp.exp(s_Gqk - m_safe_Gq[..., None])  # [G, bq, bk]
@@ -308,25 +326,12 @@ def _backward_one(
     delta_R = jax.lax.dynamic_slice_in_dim(delta_GT, qi * bq, bq, axis=1).reshape(R)
     q_RH, do_RV = q_GqH.reshape(R, H), do_GqV.reshape(R, -1)
     q_idx = qi * bq + jnp.arange(bq)
+    tile = _Tile(q_GqH, q_idx, k_SH, v_SV, dense_bias, bias_fn, heads_G, mask, b, index_QM, full_QM)
 
     def kv_step(j, inner):
       dqT_HGq, dk_SH, dv_SV, dbias, dfn = inner
       kb = index_QM[qi, j]
-      k_kH = jax.lax.dynamic_slice_in_dim(k_SH, kb * bk, bk, axis=0)
-      v_kV = jax.lax.dynamic_slice_in_dim(v_SV, kb * bk, bk, axis=0)
-      kv_idx = kb * bk + jnp.arange(bk)
-      raw_kGq, s_kGq = _tile_logits(
-        cfg,
-        q_GqH,
-        k_kH,
-        _bias_tile(cfg, dense_bias, qi, kb),
-        bias_fn,
-        heads_G,
-        q_idx,
-        kv_idx,
-        transposed=True,
-      )
-      s_kGq = _apply_mask(cfg, s_kGq, full_QM[qi, j], mask, b, q_idx, kv_idx, transposed=True)
+      k_kH, v_kV, kv_idx, raw_kGq, s_kGq = _load_tile(cfg, tile, qi, j, transposed=True)
       p_kR = jnp.exp(s_kGq - lse_Gq[None]).reshape(bk, R)  # [bk, G*bq]
       dv_kV = p_kR @ do_RV
       dp_kR = v_kV @ do_RV.T
