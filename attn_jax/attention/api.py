@@ -97,10 +97,12 @@ def dot_product_attention(
       sinks=sinks,
       return_lse=return_lse,
     )
-  # Tile sizes default per implementation; blocked_attention validates them.
-  blocks = {
-    name: size for name, size in (("block_q", block_q), ("block_kv", block_kv)) if size is not None
-  }
+  # Tile sizes default per implementation; validated here with every other argument.
+  blocks = {}
+  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+    if size is not None:
+      _checks.check_block_size(name, size)
+      blocks[name] = size
   return xla_lib.blocked_attention(
     q,
     k,
