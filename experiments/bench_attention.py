@@ -434,9 +434,9 @@ def main(argv=None) -> int:
   print(f"T={args.ts} impls={args.implementations} reps={args.reps} -> {args.outdir}", flush=True)
   matmul = launch(f"matmul:{MATMUL_N}", args.reps, args.timeout)
   peaks = {"jax": matmul.get("jax"), "torch": matmul.get("torch")}
+  shown = {name: "n/a" if p is None else f"{p:.1f} GFLOP/s" for name, p in peaks.items()}
   print(
-    f"[matmul {MATMUL_N}] {matmul['status']}  JAX {peaks['jax'] or 0:.1f} GFLOP/s  "
-    f"torch {peaks['torch'] or 0:.1f} GFLOP/s",
+    f"[matmul {MATMUL_N}] {matmul['status']}  JAX {shown['jax']}  torch {shown['torch']}",
     flush=True,
   )
   rows = run_all(
