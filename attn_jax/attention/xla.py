@@ -8,9 +8,12 @@ How it works:
   * Online softmax over kv blocks (running max ``m``, sum ``l`` and output accumulator),
     one query block at a time; memory is O(T·N·H), never O(T·S).
   * The mask's block map decides the work: each q block loops only over its compacted list
-    of non-empty kv blocks (causal does about half the work, a window O(T·w)), and FULL
-    blocks skip the mask arithmetic. T and S need not be multiples of the block sizes: the
-    padded tail of the last kv block is masked, padded query rows are dropped.
+    of non-empty kv blocks (causal does about half the work, a window O(T·w)); empty
+    blocks are neither loaded nor computed. FULL blocks are flagged but still evaluate the
+    (fused, cheap) mask compare: branching around it with lax.cond measured slower on the
+    XLA CPU backend, which copies the tile into the branch. T and S need not be multiples
+    of the block sizes: the padded tail of the last kv block is masked, padded query rows
+    are dropped.
   * GQA/MQA without repeating K/V: the tile holds the G query heads of one kv head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
