@@ -27,6 +27,7 @@ from attn_jax.attention import (
   dot_product_attention,
   sliding_window,
 )
+from attn_jax.attention.registry import random_segment_ids
 
 TOL = {
   jnp.float32: dict(out=2e-5, grad=1e-4),
@@ -74,13 +75,9 @@ def blocked(block_q=16, block_kv=32):
   return jax.jit(fn, static_argnames=("scale", "softcap", "return_lse"))
 
 
-def random_segments(key, B, L, num=3):
-  return jnp.sort(jax.random.randint(key, (B, L), 1, num + 1), axis=-1).astype(jnp.int32)
-
-
 def mask_cases(key, B, T, S):
   k1, k2, k3 = jax.random.split(key, 3)
-  q_ids, kv_ids = random_segments(k1, B, T), random_segments(k2, B, S)
+  q_ids, kv_ids = random_segment_ids(k1, B, T), random_segment_ids(k2, B, S)
   return {
     "none": None,
     "causal": CausalMask(),
@@ -386,7 +383,7 @@ def test_traced_segment_ids_and_block_indices_under_jit(rng):
   B, T, N, H = 2, 48, 2, 8
   kqkv, kid, kidx = jax.random.split(rng, 3)
   q, k, v = make_qkv(kqkv, B, T, T, N, N, H, H)
-  ids = random_segments(kid, B, T)
+  ids = random_segment_ids(kid, B, T)
   idx = jax.random.randint(kidx, (B, 3, 2), 0, 3)
 
   @jax.jit
