@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -204,9 +205,15 @@ def launch(spec: str, reps: int, timeout: float) -> dict:
     return {"status": "oom/killed", "signal": -proc.returncode}
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode != 0 or not lines:
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": f"error: {last[:300]}"}
+    return {"status": f"error: {error_line(proc.stderr)[:300]}"}
   return {"status": "ok", **json.loads(lines[-1])}
+
+
+def error_line(stderr: str) -> str:
+  """The exception line of a traceback (JAX appends notes after it), else the last line."""
+  lines = stderr.strip().splitlines() or ["no output"]
+  errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+  return (errors or lines)[-1]
 
 
 def make_row(impl: str, t: int, result: dict) -> dict:
@@ -258,7 +265,7 @@ def run_all(impls, ts, reps: int, timeout: float, torch_ok: bool) -> list[dict]:
   return rows
 
 
-def machine_info(matmul: dict) -> dict:
+def machine_info(matmul: dict, rows: list[dict]) -> dict:
   """CPU, core count, library versions and the UTC date."""
   cpu = platform.processor() or "unknown"
   try:
@@ -270,13 +277,16 @@ def machine_info(matmul: dict) -> dict:
     cpu = models[0] if models else cpu
   except OSError:
     pass
+  # The matmul worker reports torch's threads; the torch rows do too if it failed.
+  threads = [r["torch_threads"] for r in rows if r.get("torch_threads")]
+  torch_threads = matmul.get("torch_threads") or (threads[0] if threads else None)
   return {
     "cpu": cpu,
     "cores": os.cpu_count(),
     "jax": package_version("jax"),
     "jaxlib": package_version("jaxlib"),
     "torch": package_version("torch"),
-    "torch_threads": matmul.get("torch_threads"),
+    "torch_threads": torch_threads,
     "python": platform.python_version(),
     "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
@@ -365,7 +375,7 @@ def write_plot(report: dict, path: Path) -> None:
   matplotlib.use("Agg")  # no display on benchmark machines
   import matplotlib.pyplot as plt
 
-  fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.8))
+  fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(14, 4.8))
   for i, impl in enumerate(report["config"]["implementations"]):
     ok = [r for r in report["results"] if r["impl"] == impl and r["status"] == "ok"]
     ts = [r["T"] for r in ok]
@@ -376,12 +386,15 @@ def write_plot(report: dict, path: Path) -> None:
   peak = report["matmul_peak_gflops"].get("jax")
   if peak:
     ax_f.axhline(peak, color="k", ls=":", label=f"JAX matmul peak {peak:.0f}")
+  # A log axis with no data points raises; keep linear axes when every config failed.
+  any_ok = any(r["status"] == "ok" for r in report["results"])
   for ax in (ax_t, ax_f):
-    ax.set_xscale("log", base=2)
+    if any_ok:
+      ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-  ax_t.set_yscale("log")
+  if any_ok:
+    ax_t.set_yscale("log")
   ax_t.set_ylabel("time (ms, median)")
   ax_f.set_ylabel("effective GFLOP/s")
   ax_f.set_ylim(bottom=0)
@@ -389,7 +402,9 @@ def write_plot(report: dict, path: Path) -> None:
   fig.suptitle(
     f"Causal attention, B={B} N={N} H={H} {DTYPE} — {m['cpu']}, {m['cores']} cores", fontsize=10
   )
-  fig.tight_layout()
+  # One shared legend beside the panels, so it never hides curves or the peak line.
+  fig.legend(*ax_f.get_legend_handles_labels(), loc="center right", fontsize=8)
+  fig.tight_layout(rect=(0, 0, 0.84, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
@@ -447,7 +462,7 @@ def main(argv=None) -> int:
     torch_ok=package_version("torch") is not None,
   )
   report = {
-    "machine": machine_info(matmul),
+    "machine": machine_info(matmul, rows),
     "config": {
       "B": B,
       "N": N,
