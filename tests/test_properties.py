@@ -52,14 +52,16 @@ def masks(draw, B, T, S):
   return mask
 
 
-@SETTINGS
-@given(
-  data=st.data(),
+SIZES = dict(
   T=st.integers(1, 40),
   S=st.integers(1, 40),
   block_q=st.integers(1, 48),
   block_kv=st.integers(1, 48),
 )
+
+
+@SETTINGS
+@given(data=st.data(), **SIZES)
 def test_block_map_is_sound_for_random_masks(data, T, S, block_q, block_kv):
   mask = data.draw(masks(2, T, S))
   kinds = np.asarray(mask.block_kinds(T, S, block_q, block_kv))
@@ -75,11 +77,8 @@ def test_block_map_is_sound_for_random_masks(data, T, S, block_q, block_kv):
 @SETTINGS
 @given(
   data=st.data(),
-  T=st.integers(1, 40),
-  S=st.integers(1, 40),
-  block_q=st.integers(1, 48),
-  block_kv=st.integers(1, 48),
   group=st.sampled_from([1, 2]),
+  **SIZES,
 )
 def test_blocked_equals_oracle_for_random_masks(data, T, S, block_q, block_kv, group):
   B, K, H = 2, 2, 8

@@ -79,39 +79,19 @@ def dot_product_attention(
       "built yet in attn_jax; use implementation='xla' (blocked, memory-efficient) or "
       "'reference'."
     )
+  options = dict(
+    mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse
+  )
   if implementation == "reference":
     if block_q is not None or block_kv is not None:
       raise ValueError(
         "block_q / block_kv apply to blocked implementations; the 'reference' "
-        f"implementation takes none (got block_q={block_q}, "
-        f"block_kv={block_kv})"
+        f"implementation takes none (got block_q={block_q}, block_kv={block_kv})"
       )
-    return reference_lib.attention_reference(
-      q,
-      k,
-      v,
-      mask=mask,
-      bias=bias,
-      scale=scale,
-      softcap=softcap,
-      sinks=sinks,
-      return_lse=return_lse,
-    )
+    return reference_lib.attention_reference(q, k, v, **options)
   # Tile sizes default per implementation; validated here with every other argument.
-  blocks = {}
   for name, size in (("block_q", block_q), ("block_kv", block_kv)):
     if size is not None:
       _checks.check_block_size(name, size)
-      blocks[name] = size
-  return xla_lib.blocked_attention(
-    q,
-    k,
-    v,
-    mask=mask,
-    bias=bias,
-    scale=scale,
-    softcap=softcap,
-    sinks=sinks,
-    return_lse=return_lse,
-    **blocks,
-  )
+      options[name] = size
+  return xla_lib.blocked_attention(q, k, v, **options)
