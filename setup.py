@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
   "absl-py>=2.5",
   "matplotlib>=3.11",
   "psutil>=7.2",
+  "tqdm>=4.70",
+  "tensorboardX>=2.6.5",
 ]
 
 EXTRAS = {

@@ -1,0 +1,175 @@
+"""The softmax attention layer of the stacks: projections, positions, qk-norm, and the mask,
+bias, soft-cap or sinks of its registry id, calling ``attn_jax.attention`` for the attention.
+
+Dimension key: B batch, T length, D model dim, N query heads, K kv heads, H q/k head dim,
+Hv value head dim.
+
+``options`` hold the per-mechanism settings a config gives (``window``, ``chunk``,
+``prefix``, ``softcap``); anything not given takes the default in ``DEFAULT_OPTIONS``.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attn_jax import sharding
+from attn_jax.attention import api, biases, masks, reference
+from attn_jax.attention import rope as rope_lib
+from attn_jax.nn import layers
+
+# Registry ids this module serves; the registry points their ``module`` field here.
+KINDS = (
+  "mha",
+  "causal",
+  "sliding_window",
+  "chunked_causal",
+  "prefix_lm",
+  "segment",
+  "alibi",
+  "softcap",
+  "sinks",
+  "rope",
+)
+CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi")
+DEFAULT_OPTIONS = {"window": 64, "chunk": 64, "prefix": 0, "softcap": 50.0}
+POSITIONS = ("rope", "learned", "none")
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with MHA/GQA/MQA heads, selected by a registry id.
+
+  Args:
+    d_model: model width D.
+    num_heads: query heads N.
+    num_kv_heads: kv heads K (N % K == 0; K = N is MHA, K = 1 is MQA).
+    head_dim: H, independent of d_model. v_head_dim: Hv (default H).
+    kind: registry id (one of ``KINDS``).
+    causal: causal (decoder) or bidirectional (encoder).
+    positions: "rope" rotates q and k here; "learned" and "none" leave them alone
+      (learned absolute positions live in the model's embedding). The ``rope`` kind always
+      rotates.
+    qk_norm: RMS-normalise q and k per head before the logits.
+    options: per-mechanism settings (see ``DEFAULT_OPTIONS``).
+    implementation: passed to ``dot_product_attention`` (None: best for the backend).
+  """
+
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    v_head_dim: int | None = None,
+    kind: str = "mha",
+    causal: bool = True,
+    positions: str = "rope",
+    rope_base: float = 10000.0,
+    rotary_dim: int | None = None,
+    qk_norm: bool = False,
+    options: dict | None = None,
+    implementation: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    head_dim = d_model // num_heads if head_dim is None else head_dim
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    if kind not in KINDS:
+      raise ValueError(f"Attention serves the registry ids {KINDS}; got kind={kind!r}")
+    if kind in CAUSAL_ONLY and not causal:
+      raise ValueError(f"attention kind {kind!r} is causal-only; the model is bidirectional")
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+      raise ValueError(
+        f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
+      )
+    if positions not in POSITIONS:
+      raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
+    unknown = set(options or {}) - set(DEFAULT_OPTIONS)
+    if unknown:
+      raise ValueError(f"unknown attention options {sorted(unknown)}; known: {DEFAULT_OPTIONS}")
+    self.kind, self.causal, self.qk_norm = kind, causal, qk_norm
+    self.rope = kind == "rope" or positions == "rope"
+    self.rope_base, self.rotary_dim = rope_base, rotary_dim
+    self.options = {**DEFAULT_OPTIONS, **(options or {})}
+    self.implementation = implementation
+    self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+    init = layers.fan_in_init(d_model)
+    self.wq = layers.param(rngs, init, (d_model, num_heads, head_dim), ("embed", "heads", None))
+    self.wk = layers.param(
+      rngs, init, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None)
+    )
+    self.wv = layers.param(
+      rngs, init, (d_model, num_kv_heads, v_head_dim), ("embed", "kv_heads", None)
+    )
+    self.wo = layers.param(
+      rngs,
+      layers.fan_in_init(num_heads * v_head_dim),
+      (num_heads, v_head_dim, d_model),
+      ("heads", None, "embed"),
+    )
+    if qk_norm:
+      self.q_norm = layers.Norm(head_dim, kind="rmsnorm", rngs=rngs)
+      self.k_norm = layers.Norm(head_dim, kind="rmsnorm", rngs=rngs)
+    if kind == "sinks":
+      self.sinks = layers.param(rngs, jax.nn.initializers.zeros, (num_heads,), ("heads",))
+
+  def _mask(self, segment_ids_BT):
+    kind, o = self.kind, self.options
+    if kind == "sliding_window":
+      w = int(o["window"])
+      mask = masks.sliding_window(w) if self.causal else masks.LocalMask(w - 1, w - 1)
+    elif kind == "chunked_causal":
+      mask = masks.ChunkedCausalMask(int(o["chunk"]))
+    elif kind == "prefix_lm":
+      mask = masks.PrefixLMMask(int(o["prefix"]))
+    else:
+      mask = masks.CausalMask() if self.causal else None
+    if segment_ids_BT is not None:
+      seg = masks.SegmentMask(segment_ids_BT, segment_ids_BT)
+      mask = seg if mask is None else mask & seg
+    return mask
+
+  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, capture: bool = False):
+    """Attention over ``x [B, T, D]``.
+
+    Args:
+      positions_BT: token positions for RoPE (default ``arange(T)``).
+      segment_ids_BT: packed-document ids; tokens attend only within their document (0 is
+        padding and attends nowhere).
+      capture: sow the attention probabilities ``[B, N, T, T]`` and the per-head outputs
+        ``[B, T, N, Hv]`` as ``nnx.Intermediate`` (computed by the reference path; off by
+        default, and free when off).
+    """
+    dtype = x_BTD.dtype
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dtype))
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk[...].astype(dtype))
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv[...].astype(dtype))
+    if self.qk_norm:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    if self.rope:
+      if positions_BT is None:
+        positions_BT = jnp.arange(x_BTD.shape[1])
+      rope = {"base": self.rope_base, "rotary_dim": self.rotary_dim}
+      q_BTNH = rope_lib.apply_rope(q_BTNH, positions_BT, **rope)
+      k_BTKH = rope_lib.apply_rope(k_BTKH, positions_BT, **rope)
+    q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", None))
+    k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", None))
+    v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", None))
+    kwargs = {"mask": self._mask(segment_ids_BT)}
+    if self.kind == "alibi":
+      kwargs["bias"] = biases.AlibiBias.default(self.num_heads)
+    if self.kind == "softcap":
+      kwargs["softcap"] = float(self.options["softcap"])
+    if self.kind == "sinks":
+      kwargs["sinks"] = self.sinks[...]
+    if capture:
+      out_BTNH, probs_BNTS = reference.attention_reference(
+        q_BTNH, k_BTKH, v_BTKH, return_probs=True, **kwargs
+      )
+      self.sow(nnx.Intermediate, "probs", probs_BNTS)
+      self.sow(nnx.Intermediate, "heads", out_BTNH)
+    else:
+      out_BTNH = api.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, implementation=self.implementation, **kwargs
+      )
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dtype))

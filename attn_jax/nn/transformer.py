@@ -1,0 +1,114 @@
+"""Pre-norm transformer blocks and stacks whose attention kind is chosen per layer.
+
+Dimension key: B batch, T length, D model dim.
+
+``attention`` is a registry id (every layer) or a list with one id per layer, e.g.
+``["sliding_window", "sliding_window", "mha"]``. Each id's NNX module comes from the
+registry entry's ``module`` field; every attention module takes the keyword arguments of
+``attn_jax.nn.attention.Attention`` and returns ``[B, T, D]``.
+"""
+
+import importlib
+from collections.abc import Sequence
+
+from flax import nnx
+
+from attn_jax import sharding
+from attn_jax.attention import registry
+from attn_jax.nn import layers
+
+
+def attention_module_class(kind: str):
+  """The NNX module class of registry id ``kind`` (ValueError if unknown or module-less)."""
+  mech = registry.get(kind)
+  if mech.module is None:
+    usable = sorted(m.id for m in registry.all_mechanisms() if m.module is not None)
+    raise ValueError(
+      f"attention mechanism {kind!r} has no NNX module, so it cannot be used in a model; "
+      f"ids usable in the stack: {usable}"
+    )
+  module, name = mech.module.split(":")
+  return getattr(importlib.import_module(module), name)
+
+
+def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
+  """One registry id per layer from a single id or a per-layer list (validated)."""
+  kinds = [attention] * num_layers if isinstance(attention, str) else list(attention)
+  if len(kinds) != num_layers:
+    raise ValueError(
+      f"model.attention lists {len(kinds)} kinds for num_layers={num_layers}: {kinds}"
+    )
+  for kind in kinds:
+    attention_module_class(kind)
+  return kinds
+
+
+class Block(nnx.Module):
+  """``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (the MLP may be ``"none"``)."""
+
+  def __init__(
+    self,
+    *,
+    kind: str,
+    d_model: int,
+    mlp: str = "gelu",
+    mlp_dim: int | None = None,
+    norm: str = "layernorm",
+    rngs: nnx.Rngs,
+    **attention_kwargs,
+  ):
+    if mlp not in layers.MLPS:
+      raise ValueError(f"mlp must be one of {layers.MLPS}; got {mlp!r}")
+    self.attn_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
+    self.attn = attention_module_class(kind)(
+      d_model=d_model, kind=kind, rngs=rngs, **attention_kwargs
+    )
+    self.mlp = None
+    if mlp != "none":
+      self.mlp_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
+      self.mlp = layers.MLP(d_model, mlp_dim or 4 * d_model, kind=mlp, rngs=rngs)
+
+  def __call__(self, x_BTD, **kwargs):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), **kwargs)
+    x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
+    if self.mlp is not None:
+      x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+      x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
+    return x_BTD
+
+
+class Transformer(nnx.Module):
+  """A stack of ``Block``s with a per-layer attention kind and a final norm.
+
+  Args:
+    num_layers: number of blocks.
+    attention: a registry id or one id per layer.
+    remat: recompute each block's activations in the backward pass (saves memory).
+    Other keyword arguments go to every ``Block`` (and through it to the attention module).
+  """
+
+  def __init__(
+    self,
+    *,
+    num_layers: int,
+    attention: str | Sequence[str] = "mha",
+    d_model: int,
+    norm: str = "layernorm",
+    remat: bool = False,
+    rngs: nnx.Rngs,
+    **block_kwargs,
+  ):
+    self.kinds = layer_kinds(attention, num_layers)
+    self.remat = remat
+    self.blocks = nnx.List(
+      [Block(kind=k, d_model=d_model, norm=norm, rngs=rngs, **block_kwargs) for k in self.kinds]
+    )
+    self.final_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
+
+  def __call__(self, x_BTD, **kwargs):
+    for block in self.blocks:
+      if self.remat:
+        x_BTD = nnx.remat(lambda b, x: b(x, **kwargs))(block, x_BTD)
+      else:
+        x_BTD = block(x_BTD, **kwargs)
+    return self.final_norm(x_BTD)
