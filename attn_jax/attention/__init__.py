@@ -23,6 +23,7 @@ from attn_jax.attention.masks import (
   sliding_window,
 )
 from attn_jax.attention.reference import attention_reference
+from attn_jax.attention.rope import apply_rope, rope_attention, rope_frequencies
 from attn_jax.attention.xla import blocked_attention
 
 __all__ = [
@@ -43,9 +44,12 @@ __all__ = [
   "ScoreBias",
   "SegmentMask",
   "alibi_slopes",
+  "apply_rope",
   "attention_reference",
   "blocked_attention",
   "default_implementation",
   "dot_product_attention",
+  "rope_attention",
+  "rope_frequencies",
   "sliding_window",
 ]

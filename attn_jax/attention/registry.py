@@ -28,6 +28,8 @@ CAUSAL_PATTERNS = frozenset((SELF_CAUSAL, CROSS_CAUSAL))
 
 SOFTMAX_IMPLEMENTATIONS = ("reference", "xla")
 _DOT_PRODUCT = "attn_jax.attention.api:dot_product_attention"
+# The NNX module of the mask/bias/sink entries (a string: this layer never imports Flax).
+NN_ATTENTION = "attn_jax.nn.attention:Attention"
 
 
 def pattern_name(*, causal: bool, cross: bool) -> str:
@@ -230,7 +232,7 @@ def _build_sinks(key, dims, causal):
   return {"mask": _causal_or_none(causal), "sinks": jax.random.normal(key, (dims.N,), jnp.float32)}
 
 
-def _softmax_entry(id, paper, build, patterns, decode, check, tier=1):
+def _softmax_entry(id, paper, build, patterns, decode, check, tier=1, module=NN_ATTENTION):
   return register(
     Mechanism(
       id=id,
@@ -243,6 +245,7 @@ def _softmax_entry(id, paper, build, patterns, decode, check, tier=1):
       tier=tier,
       check=check,
       build=build,
+      module=module,
     )
   )
 
@@ -273,6 +276,7 @@ _softmax_entry(
   True,
   "every entry runs its declared patterns against the oracle and raises on the others; "
   "S = 1 and S >> T work",
+  module=None,
 )
 _softmax_entry(
   "sliding_window",
@@ -315,6 +319,7 @@ _softmax_entry(
   False,
   "bias gradient equals the oracle; a -inf bias equals masking; a per-row constant bias "
   "changes nothing",
+  module=None,
 )
 _softmax_entry(
   "alibi",
@@ -341,4 +346,28 @@ _softmax_entry(
   True,
   "sigma -> -inf equals softmax; equals the oracle with one extra zero-value key of logit "
   "sigma; row sums in (0, 1)",
+)
+
+
+def _build_rope(key, dims, causal):
+  # Positions default (kv j at j, query i at S - T + i: bottom-right aligned, like the masks).
+  return {"mask": _causal_or_none(causal)}
+
+
+register(
+  Mechanism(
+    id="rope",
+    family="a",
+    paper="Rotary position embedding (baseline: RoFormer: Enhanced Transformer with Rotary "
+    "Position Embedding)",
+    entry_point="attn_jax.attention.rope:rope_attention",
+    implementations=SOFTMAX_IMPLEMENTATIONS,
+    patterns=ALL_PATTERNS,
+    decode=True,
+    tier=1,
+    check="logits depend only on i − j: shifting all positions changes nothing; r = 0 equals "
+    "no positional encoding; decode with a cache equals full prefill",
+    build=_build_rope,
+    module=NN_ATTENTION,
+  )
 )

@@ -17,9 +17,7 @@ VARIANTS = {
   "small": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072),
   "medium": dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=4, mlp_dim=4096),
   "1b": dict(d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, mlp_dim=8192, mlp="swiglu"),
-  "7b": dict(
-    d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=11008, mlp="swiglu"
-  ),
+  "7b": dict(d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008, mlp="swiglu"),
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,11 +58,13 @@ class DecoderLM(nnx.Module):
     self.stack = transformer.Transformer(
       d_model=d_model, causal=True, positions=positions, rngs=rngs, **transformer_kwargs
     )
-    self.unembed = None
-    if not tie_embeddings:
-      self.unembed = layers.param(
+    self.unembed = (
+      None
+      if tie_embeddings
+      else layers.param(
         rngs, layers.fan_in_init(d_model), (d_model, vocab_size), ("embed", "vocab")
       )
+    )
 
   def embed_tokens(self, tokens_BT):
     x_BTD = self.embed(tokens_BT, self.dtype)

@@ -63,10 +63,11 @@ class Block(nnx.Module):
     self.attn = attention_module_class(kind)(
       d_model=d_model, kind=kind, rngs=rngs, **attention_kwargs
     )
-    self.mlp = None
     if mlp != "none":
       self.mlp_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
-      self.mlp = layers.MLP(d_model, mlp_dim or 4 * d_model, kind=mlp, rngs=rngs)
+    self.mlp = (
+      layers.MLP(d_model, mlp_dim or 4 * d_model, kind=mlp, rngs=rngs) if mlp != "none" else None
+    )
 
   def __call__(self, x_BTD, **kwargs):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), **kwargs)
