@@ -56,7 +56,13 @@ class Checkpointer:
       max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
     self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "data", "config")
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
     )
 
   def latest_step(self) -> int | None:

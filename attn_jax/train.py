@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,11 @@ def validate(config, mesh) -> None:
     )
 
 
+@jax.jit
+def all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def count_params(params) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
@@ -145,7 +151,7 @@ def make_steps(graphdef, tx, num_scored, config):
     metrics = {
       "loss": loss,
       "accuracy": correct / jnp.maximum(count, 1),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
     }
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -154,6 +160,61 @@ def make_steps(graphdef, tx, num_scored, config):
     return {"loss_sum": loss * count, "correct": correct, "count": count}
 
   return train_step, eval_step
+
+
+class Setup(NamedTuple):
+  graphdef: Any
+  abstract: Any  # the train state as ShapeDtypeStructs carrying their shardings
+  state_sharding: Any
+  batch_sharding: NamedSharding
+  init: Any  # key -> train state, created already sharded
+  train_step: Any  # (state, batch) -> (state, metrics); state donated
+  eval_step: Any  # (params, batch) -> sums
+
+
+def sharded_setup(config, mesh, rules, num_scored) -> Setup:
+  """Shapes via ``eval_shape``, shardings from the logical axes, jitted init and steps."""
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+
+  def init_state(key):
+    params = nnx.state(build_model(config.model, nnx.Rngs(key)))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0))))
+  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  state_sharding = sharding.tree_shardings(abstract, mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+  )
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  train_step, eval_step = make_steps(graphdef, tx, num_scored, config)
+
+  def with_rules(fn):  # activation constraints resolve against this mesh when traced
+    def wrapped(*args):
+      with sharding.activation_sharding(mesh, rules):
+        return fn(*args)
+
+    return wrapped
+
+  return Setup(
+    graphdef=graphdef,
+    abstract=abstract,
+    state_sharding=state_sharding,
+    batch_sharding=batch_sharding,
+    init=jax.jit(init_state, out_shardings=state_sharding),
+    train_step=jax.jit(
+      with_rules(train_step),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      with_rules(eval_step),
+      in_shardings=(state_sharding["params"], batch_sharding),
+      out_shardings=replicated,
+    ),
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -243,34 +304,11 @@ def train_and_evaluate(config, workdir, *, resume_from=None, progress=True) -> d
   train_iter = data.make_iterator(
     train_src, global_batch_size=config.batch_size, seed=config.seed, shuffle=True
   )
-  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   # Model, optimizer, sharded init: shapes first, then init straight into the shardings.
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-
-  def init_state(key):
-    params = nnx.state(build_model(config.model, nnx.Rngs(key)))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-  key = jax.random.key(config.seed)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0))))
-  abstract = jax.eval_shape(init_state, key)
-  state_sharding = sharding.tree_shardings(abstract, mesh, rules)
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-  )
-  train_step, eval_step = make_steps(graphdef, tx, num_scored, config)
-  with sharding.activation_sharding(mesh, rules):
-    p_train = jax.jit(
-      train_step,
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=0,
-    )
-    p_eval = jax.jit(
-      eval_step, in_shardings=(state_sharding["params"], batch_sharding), out_shardings=replicated
-    )
+  setup = sharded_setup(config, mesh, rules, num_scored)
+  batch_sharding, p_train, p_eval = setup.batch_sharding, setup.train_step, setup.eval_step
+  abstract, key = setup.abstract, jax.random.key(config.seed)
 
   # Checkpoints: resume from this workdir, else from --resume_from, else start fresh.
   ckpt = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
@@ -285,7 +323,7 @@ def train_and_evaluate(config, workdir, *, resume_from=None, progress=True) -> d
       data.set_iterator_state(train_iter, data_state)
       break
   if state is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)(key)
+    state = setup.init(key)
   num_params = count_params(state["params"])
   log = MetricsLog(workdir, step, enabled=lead)
 
@@ -297,13 +335,19 @@ def train_and_evaluate(config, workdir, *, resume_from=None, progress=True) -> d
     for i, batch in enumerate(it):
       if i * config.batch_size >= config.eval_examples:
         break
-      with sharding.activation_sharding(mesh, rules):
-        out = p_eval(params, data.to_global_arrays(batch, batch_sharding))
+      out = p_eval(params, data.to_global_arrays(batch, batch_sharding))
       total = {k: total[k] + float(v) for k, v in out.items()}
     count = max(total["count"], 1.0)
     return {"eval_loss": total["loss_sum"] / count, "eval_accuracy": total["correct"] / count}
 
   def save(at_step, force=False):
+    if ckpt.latest_step() == at_step:  # already saved at this step (e.g. SIGTERM right after)
+      return
+    if not bool(all_finite(state["params"])):  # never replace a good checkpoint with NaNs
+      raise NonFiniteLossError(
+        f"non-finite parameters after step {at_step}; not saved. The last good checkpoint "
+        f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}"
+      )
     ckpt.save(
       at_step,
       state,
@@ -328,8 +372,7 @@ def train_and_evaluate(config, workdir, *, resume_from=None, progress=True) -> d
   try:
     while step < config.total_steps:
       batch = data.to_global_arrays(next(train_iter), batch_sharding)
-      with sharding.activation_sharding(mesh, rules):
-        state, metrics = p_train(state, batch)
+      state, metrics = p_train(state, batch)
       step += 1
       pending.append(metrics)
       if bar is not None:
