@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.model = dict(
     name="decoder_lm",
     attention=arg.attn,
-    attention_options={},
+    attention_options=dict(window=64, chunk=64, prefix=0, softcap=50.0),
     d_model=arg.d_model,
     num_layers=2,
     num_heads=arg.num_heads,

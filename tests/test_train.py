@@ -279,3 +279,31 @@ def test_two_process_distributed_run(tmp_path):
     summary = json.load(f)
   assert summary["step"] == 4 and summary["status"] == "completed"
   assert "devices=4 processes=2" in outs[0]
+
+
+def test_mqar_sweep_script_runs_tabulates_and_reuses(tmp_path):
+  out = str(tmp_path / "res")
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "mqar_sweep.py"),
+    "--mechanisms=mha,sliding_window:window=4",
+    "--cells=16x2",
+    "--d_models=16",
+    "--config_arg=vocab_size=64,batch_size=8,num_train=512",
+    "--sets=total_steps=3,eval_every=3,checkpoint_every=3,eval_examples=16,log_every=1",
+    f"--runs_dir={tmp_path / 'runs'}",
+    f"--out={out}",
+  ]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  results = json.load(open(out + ".json"))
+  assert [r["mechanism"] for r in results] == ["mha", "sliding_window:window=4"]
+  assert all(r["steps"] == 3 and 0.0 <= r["accuracy"] <= 1.0 for r in results)
+  assert os.path.exists(out + ".png") and "| mha | 16 | 2 | 16 |" in open(out + ".md").read()
+  cfg = config_lib.read_json(
+    str(tmp_path / "runs" / "sliding_window_window4_L16_P2_d16" / "config.json")
+  )
+  assert cfg.model.attention_options.window == 4
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and again.stdout.count("[reuse]") == 2
