@@ -11,7 +11,10 @@ Launch (CPU or TPU VM, same command):
   python -m attn_jax.main --config=configs/mqar.py:attn=sliding_window,runlocal \
     --workdir=runs/smoke --config.model.attention_options.window=16
 Differences from the paper: no dropout on attention probabilities (the functional API has
-none); training stops early once test accuracy reaches ``early_stop_accuracy``.
+none); training stops early once test accuracy reaches ``early_stop_accuracy``. Without that
+dropout, repeated epochs over the paper's 100k examples are memorised (at (64,4), d=64,
+step 1000: 0.85 accuracy on seen training examples, 0.68 on unseen ones), so the sweep
+(experiments/mqar_sweep.py) trains on fresh examples: ``num_train=3072000,epochs=1``.
 """
 
 import ml_collections
