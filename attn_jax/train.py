@@ -87,10 +87,7 @@ def validate(config, mesh) -> None:
     raise ValueError(
       f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"
     )
-  attention = m.attention
-  if isinstance(attention, str) and "+" in attention:
-    attention = attention.split("+")
-  transformer.layer_kinds(attention, m.num_layers)  # unknown ids list the valid ones
+  transformer.layer_kinds(m.attention, m.num_layers)  # unknown ids list the valid ones
   data_size = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % data_size:
     raise ValueError(

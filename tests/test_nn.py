@@ -124,7 +124,8 @@ def test_hybrid_stack_uses_one_kind_per_layer():
     rngs=nnx.Rngs(0),
   )
   assert [b.attn.kind for b in stack.blocks] == ["sliding_window", "sliding_window", "mha"]
-  assert layer_kinds("sliding_window+mha".split("+"), 2) == ["sliding_window", "mha"]
+  assert layer_kinds("sliding_window+mha", 2) == ["sliding_window", "mha"]
+  assert layer_kinds(["swa", "swa", "mha"], 3) == ["sliding_window", "sliding_window", "mha"]
 
 
 def _decoder(kind, **kw):

@@ -107,12 +107,21 @@ def register(mechanism: Mechanism) -> Mechanism:
   return mechanism
 
 
+# Short names people use in configs; each resolves to one registry id.
+ALIASES = {"swa": "sliding_window", "local": "sliding_window"}
+
+
+def canonical_id(mechanism_id: str) -> str:
+  return ALIASES.get(mechanism_id, mechanism_id)
+
+
 def get(mechanism_id: str) -> Mechanism:
   try:
-    return _REGISTRY[mechanism_id]
+    return _REGISTRY[canonical_id(mechanism_id)]
   except KeyError:
     raise ValueError(
-      f"unknown attention mechanism {mechanism_id!r}; registered ids: {sorted(_REGISTRY)}"
+      f"unknown attention mechanism {mechanism_id!r}; registered ids: {sorted(_REGISTRY)} "
+      f"(aliases: {ALIASES})"
     ) from None
 
 

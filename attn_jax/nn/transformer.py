@@ -32,7 +32,9 @@ def attention_module_class(kind: str):
 
 
 def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
-  """One registry id per layer from a single id or a per-layer list (validated)."""
+  """One registry id per layer from an id, a list, or ``"a+b+c"`` (validated, aliases resolved)."""
+  if isinstance(attention, str) and "+" in attention:  # "a+b+c": one id per layer
+    attention = attention.split("+")
   kinds = [attention] * num_layers if isinstance(attention, str) else list(attention)
   if len(kinds) != num_layers:
     raise ValueError(
@@ -40,7 +42,7 @@ def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
     )
   for kind in kinds:
     attention_module_class(kind)
-  return kinds
+  return [registry.canonical_id(k) for k in kinds]
 
 
 class Block(nnx.Module):
