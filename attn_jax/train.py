@@ -402,8 +402,10 @@ def train_and_evaluate(config, workdir, *, resume_from=None, progress=True) -> d
       if step % config.eval_every == 0 or done:
         last_eval = evaluate(state["params"])
         log.write(step, last_eval)
+        t_log = time.time()  # tokens/s counts training time only
       if step % config.checkpoint_every == 0 or done:
         save(step)
+        t_log = time.time()
       if (
         last_eval
         and step % config.eval_every == 0
