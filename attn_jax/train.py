@@ -131,9 +131,16 @@ def make_steps(graphdef, tx, num_scored, config):
   def forward(params, batch):
     model = nnx.merge(graphdef, params)
     idx_BP, valid_BP, tgt_BP = scored_positions(batch["targets"], num_scored)
-    logits_BPV = model(batch["inputs"], logit_positions_BP=idx_BP)
-    aux = nnx.pop(model, nnx.Intermediate)
-    aux_loss = sum(jnp.sum(x) for x in jax.tree.leaves(aux)) if aux_weight else 0.0
+    aux_loss = 0.0
+    if aux_weight:  # modules sow auxiliary losses (e.g. load balancing) as "aux_loss"
+      logits_BPV, aux = nnx.capture(model, nnx.Intermediate)(
+        batch["inputs"], logit_positions_BP=idx_BP
+      )
+      for path, x in jax.tree_util.tree_flatten_with_path(aux)[0]:
+        if "aux_loss" in jax.tree_util.keystr(path):
+          aux_loss = aux_loss + jnp.sum(x)
+    else:
+      logits_BPV = model(batch["inputs"], logit_positions_BP=idx_BP)
     ce_BP = optax.softmax_cross_entropy_with_integer_labels(logits_BPV, jnp.maximum(tgt_BP, 0))
     count = jnp.maximum(valid_BP.sum(), 1)
     loss = jnp.where(valid_BP, ce_BP, 0).sum() / count

@@ -73,18 +73,17 @@ def test_capture_sows_probabilities_and_head_outputs(rng):
   )
   x = normal(rng, (2, 9, 16), jnp.float32)
   plain = layer(x)
-  captured = layer(x, capture=True)
-  inter = nnx.pop(layer, nnx.Intermediate)
-  probs = inter["probs"][0]
-  heads = inter["heads"][0]
+  captured, inter = nnx.capture(layer, nnx.Intermediate)(x, capture=True)
+  probs = inter["probs"].get_value()[0]
+  heads = inter["heads"].get_value()[0]
   np.testing.assert_allclose(captured, plain, rtol=1e-5, atol=1e-5)
   assert probs.shape == (2, 2, 9, 9) and heads.shape == (2, 9, 2, 8)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   assert float(jnp.abs(jnp.triu(probs, 1)).max()) == 0.0  # causal
   assert float(jnp.abs(jnp.tril(probs, -4)).max()) == 0.0  # window 4
-  assert not nnx.state(layer, nnx.Intermediate)  # popped; off by default afterwards
-  layer(x)
-  assert not nnx.state(layer, nnx.Intermediate)
+  assert not nnx.state(layer, nnx.Intermediate)  # nothing left on the module
+  _, inter = nnx.capture(layer, nnx.Intermediate)(x)
+  assert not jax.tree.leaves(inter)  # off by default
 
 
 def test_segment_ids_keep_documents_apart(rng):

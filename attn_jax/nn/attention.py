@@ -138,7 +138,8 @@ class Attention(nnx.Module):
         padding and attends nowhere).
       capture: sow the attention probabilities ``[B, N, T, T]`` and the per-head outputs
         ``[B, T, N, Hv]`` as ``nnx.Intermediate`` (computed by the reference path; off by
-        default, and free when off).
+        default, and free when off). Collect them with
+        ``out, inter = nnx.capture(model, nnx.Intermediate)(x, capture=True)``.
     """
     dtype = x_BTD.dtype
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dtype))
