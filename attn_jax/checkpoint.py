@@ -9,7 +9,6 @@ renames it when complete, so a kill during a save leaves the previous step loada
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -36,9 +35,9 @@ def flatten_state(tree) -> dict:
 
 def unflatten_state(template, flat: dict):
   """Puts arrays from ``flat`` back into ``template``'s structure (by path)."""
-  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
+  treedef = jax.tree_util.tree_structure(template)
   names = list(flatten_state(template))
-  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names]), leaves_with_path
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
 
 class Checkpointer:
@@ -115,7 +114,7 @@ class Checkpointer:
       )
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
-    state, _ = unflatten_state(abstract_state, dict(restored["state"]))
+    state = unflatten_state(abstract_state, dict(restored["state"]))
     return state, restored["data"], restored["config"]
 
   def wait(self):
@@ -124,7 +123,3 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def to_numpy(tree):
-  return jax.tree.map(np.asarray, tree)
