@@ -30,7 +30,6 @@ def make_iterator(
   num_epochs: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
-  worker_count: int = 0,
   drop_remainder: bool = True,
 ) -> "BatchIterator":
   """Builds this host's iterator of batches over ``source``.
@@ -51,7 +50,6 @@ def make_iterator(
     num_epochs: passes over the data; None repeats forever.
     process_index: this host's index; defaults to ``jax.process_index()``.
     process_count: number of hosts; defaults to ``jax.process_count()``.
-    worker_count: grain worker processes (0 reads in this process).
     drop_remainder: drop the last incomplete batch of the stream (only reachable with a
       finite ``num_epochs``), keeping batch shapes static.
 
@@ -81,7 +79,6 @@ def make_iterator(
     raise ValueError(f"seed must be < 2**32 (grain's shuffle seed is 32-bit); got {seed}")
   if num_epochs is not None:
     num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
-  worker_count = _check_int("worker_count", worker_count, minimum=0)
   num_records = len(source)
   if num_records < process_count:
     raise ValueError(
@@ -172,8 +169,9 @@ class BatchIterator:
 def get_iterator_state(it: Any) -> dict[str, Any]:
   """The iterator's position as a JSON-serialisable dict (save it with the checkpoint).
 
-  Grain's ``DataLoaderIterator.get_state`` returns JSON bytes; they are decoded here so the
-  state can sit inside a larger JSON / orbax metadata tree.
+  The state is the grain dataset iterator's position plus the data-configuration
+  fingerprint; bytes (from iterators that return them) are decoded so the state can sit
+  inside a larger JSON / orbax metadata tree.
 
   Args:
     it: an iterator from ``make_iterator`` (or any iterator with ``get_state``).
@@ -191,8 +189,8 @@ def get_iterator_state(it: Any) -> dict[str, Any]:
 def set_iterator_state(it: Any, state: dict[str, Any]) -> None:
   """Moves ``it`` to the position in ``state``: it next yields what the saved one would have.
 
-  The iterator must come from ``make_iterator`` with the same source, seed, sharding and
-  worker count; grain raises ValueError when the sampler, source or worker count differ.
+  The iterator must come from ``make_iterator`` with the same source, seed, shuffle,
+  epochs, sharding and batch size; a different fingerprint raises ValueError.
 
   Args:
     it: an iterator from ``make_iterator`` (or any iterator with ``set_state``).
