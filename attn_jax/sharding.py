@@ -126,6 +126,19 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     _STATE.value = previous
 
 
+def current():
+  """The ``(mesh, rules)`` of the enclosing ``activation_sharding`` block, or None."""
+  return getattr(_STATE, "value", None)
+
+
+def mesh_axes_for(logical: str, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes a logical axis name maps to (empty when replicated)."""
+  target = dict(rules).get(logical)
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
 def constrain(x, axes: Sequence[str | None]):
   """``with_sharding_constraint`` by logical names when a mesh is active, else identity."""
   active = getattr(_STATE, "value", None)

@@ -97,10 +97,17 @@ def validate(config, mesh) -> None:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} must divide over {jax.process_count()} hosts")
   impl = m.get("implementation", "auto")
-  if impl not in ("auto", None, "") and impl not in ("reference", "xla"):
+  backend = jax.default_backend()
+  needs = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+  if impl not in ("auto", None, "", "reference", "xla", "pallas_interpret", *needs):
     raise ValueError(
-      f"model.implementation={impl!r} cannot run here: the Pallas kernels are not built yet; "
-      "use 'auto', 'xla' or 'reference'"
+      f"model.implementation={impl!r} is not one of 'auto', 'xla', 'reference', "
+      "'pallas_tpu', 'pallas_gpu', 'pallas_interpret'"
+    )
+  if impl in needs and backend != needs[impl]:
+    raise ValueError(
+      f"model.implementation={impl!r} needs a {needs[impl].upper()} backend; this run is on "
+      f"{backend!r}: use 'auto' (the best for the backend), 'xla' or 'pallas_interpret'"
     )
 
 

@@ -1,6 +1,6 @@
-"""Benchmarks causal softmax attention on CPU: attn_jax (xla, reference), jax.nn and torch SDPA.
+"""Benchmarks causal softmax attention: attn_jax (xla, reference, Pallas), jax.nn and torch SDPA.
 
-B=1, N=8 heads, H=64, float32, causal; forward and forward+backward; the median of --reps
+B=1, N=8 heads, H=64, float32 (--dtype), causal; forward and forward+backward; the median of --reps
 timed calls after one warm-up call (compilation is timed separately). Every (implementation,
 T) runs in a fresh subprocess, so peak RSS is per config and a crash, OOM or timeout loses
 only that config (and the larger T of that implementation).
@@ -12,6 +12,9 @@ Launch from the repository root with the project venv:
   .venv/bin/python experiments/bench_attention.py --quick
   # one implementation, longer sequences
   .venv/bin/python experiments/bench_attention.py --implementations xla --max-t 131072
+  # on a TPU VM / a GPU machine: the flash kernel against jax.nn (XLA on that device)
+  python experiments/bench_attention.py --implementation pallas_tpu --dtype bfloat16
+  python experiments/bench_attention.py --implementation pallas_gpu --dtype bfloat16
 
 Writes <outdir>/bench_attention.{json,md,png}.
 """
@@ -34,7 +37,9 @@ B, N, H = 1, 8, 64
 DTYPE = "float32"
 T_FULL = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 T_QUICK = (512, 1024)
-IMPLEMENTATIONS = ("xla", "reference", "jax_nn", "torch_sdpa")
+IMPLEMENTATIONS = ("xla", "reference", "jax_nn", "torch_sdpa")  # the default (CPU) set
+KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
+DTYPES = ("float32", "bfloat16")
 MATERIALISING = ("reference", "jax_nn")  # build the [B, N, T, T] logits
 LOGITS_BUDGET_BYTES = 12 * 2**30
 MATMUL_N = 4096
@@ -102,15 +107,15 @@ def jax_attention(impl: str):
   return attend
 
 
-def run_jax(impl: str, t: int, reps: int) -> dict:
+def run_jax(impl: str, t: int, reps: int, dtype: str = DTYPE) -> dict:
   """Times the jitted forward and the jitted gradient of out.sum() w.r.t. q, k, v."""
   import jax
   import jax.numpy as jnp
 
   keys = jax.random.split(jax.random.key(t), 3)
-  qkv_BTNH = tuple(jax.random.normal(key, (B, t, N, H), jnp.float32) for key in keys)
+  qkv_BTNH = tuple(jax.random.normal(key, (B, t, N, H), jnp.float32).astype(dtype) for key in keys)
   attend = jax_attention(impl)
-  grad_fn = jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2))
+  grad_fn = jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   compile_fwd_s, fwd = compile_and_time(attend, qkv_BTNH, reps)
   compile_fwd_bwd_s, fwd_bwd = compile_and_time(grad_fn, qkv_BTNH, reps)
   return {
@@ -118,6 +123,8 @@ def run_jax(impl: str, t: int, reps: int) -> dict:
     "compile_fwd_bwd_s": compile_fwd_bwd_s,
     "fwd_samples_ms": fwd,
     "fwd_bwd_samples_ms": fwd_bwd,
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
   }
 
 
@@ -176,7 +183,7 @@ def run_matmul(n: int, reps: int) -> dict:
   return result
 
 
-def worker(spec: str, reps: int) -> int:
+def worker(spec: str, reps: int, dtype: str = DTYPE) -> int:
   """Runs the config `impl:T` and prints its result (plus peak RSS) as one JSON line."""
   impl, t = spec.split(":")
   if impl == "matmul":
@@ -184,7 +191,7 @@ def worker(spec: str, reps: int) -> int:
   elif impl == "torch_sdpa":
     result = run_torch(int(t), reps)
   else:
-    result = run_jax(impl, int(t), reps)
+    result = run_jax(impl, int(t), reps, dtype)
   # ru_maxrss is in KiB on Linux.
   result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(result), flush=True)
@@ -194,9 +201,10 @@ def worker(spec: str, reps: int) -> int:
 # --- parent side ---------------------------------------------------------------------------
 
 
-def launch(spec: str, reps: int, timeout: float) -> dict:
+def launch(spec: str, reps: int, timeout: float, dtype: str = DTYPE) -> dict:
   """Runs one worker subprocess; returns its result with status "ok", or a failure status."""
   cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec, "--reps", str(reps)]
+  cmd += ["--dtype", dtype]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -251,13 +259,13 @@ def precheck(impl: str, t: int, failed: dict, torch_ok: bool) -> str | None:
   return None
 
 
-def run_all(impls, ts, reps: int, timeout: float, torch_ok: bool) -> list[dict]:
+def run_all(impls, ts, reps: int, timeout: float, torch_ok: bool, dtype: str = DTYPE) -> list[dict]:
   """Runs every (impl, T), smallest T first; an impl that fails is not tried at larger T."""
   rows, failed = [], {}
   for t in ts:
     for impl in impls:
       skip = precheck(impl, t, failed, torch_ok)
-      result = {"status": skip} if skip else launch(f"{impl}:{t}", reps, timeout)
+      result = {"status": skip} if skip else launch(f"{impl}:{t}", reps, timeout, dtype)
       if not skip and result["status"] != "ok":
         failed[impl] = t
       rows.append(make_row(impl, t, result))
@@ -317,15 +325,15 @@ def markdown(report: dict) -> str:
   """Timing table with ratio columns, matmul peaks, peak-memory table and longest T."""
   cfg, impls = report["config"], report["config"]["implementations"]
   by = {(r["impl"], r["T"]): r for r in report["results"]}
-  ratios = [
-    (a, b) for a, b in (("jax_nn", "xla"), ("xla", "torch_sdpa")) if a in impls and b in impls
-  ]
+  pairs = [("jax_nn", "xla"), ("xla", "torch_sdpa")] + [("jax_nn", k) for k in KERNELS]
+  ratios = [(a, b) for a, b in pairs if a in impls and b in impls]
   m = report["machine"]
   lines = [
-    "# Causal attention benchmark (CPU)",
+    f"# Causal attention benchmark ({cfg.get('backend', 'cpu')})",
     "",
-    f"B={B}, N={N}, H={H}, {DTYPE}, causal; median of {cfg['reps']} timed calls after one "
-    "warm-up (compilation excluded); times in ms. Ratio columns divide the medians of this "
+    f"B={B}, N={N}, H={H}, {cfg.get('dtype', DTYPE)}, causal; median of {cfg['reps']} "
+    "timed calls after one warm-up (compilation excluded); times in ms. Ratio columns "
+    "divide the medians of this "
     f"run. {m['cpu']}, {m['cores']} cores; jax {m['jax']}, torch {m['torch']} "
     f"({m['torch_threads']} threads); {m['date_utc']}.",
     "",
@@ -400,7 +408,9 @@ def write_plot(report: dict, path: Path) -> None:
   ax_f.set_ylim(bottom=0)
   m = report["machine"]
   fig.suptitle(
-    f"Causal attention, B={B} N={N} H={H} {DTYPE} — {m['cpu']}, {m['cores']} cores", fontsize=10
+    f"Causal attention, B={B} N={N} H={H} {report['config']['dtype']} — {m['cpu']}, "
+    f"{m['cores']} cores",
+    fontsize=10,
   )
   # One shared legend beside the panels, so it never hides curves or the peak line.
   fig.legend(*ax_f.get_legend_handles_labels(), loc="center right", fontsize=8)
@@ -420,8 +430,14 @@ def parse_args(argv):
   p.add_argument(
     "--implementations",
     default=",".join(IMPLEMENTATIONS),
-    help=f"comma list out of {','.join(IMPLEMENTATIONS)} (default: all)",
+    help=f"comma list out of {','.join(IMPLEMENTATIONS + KERNELS)} (default: the CPU set)",
   )
+  p.add_argument(
+    "--implementation",
+    choices=KERNELS,
+    help="benchmark this flash kernel against jax.nn (XLA) on the current device",
+  )
+  p.add_argument("--dtype", choices=DTYPES, default=DTYPE, help="input dtype (default float32)")
   p.add_argument("--max-t", type=int, default=16384, help="largest T (default 16384)")
   p.add_argument("--reps", type=int, help="timed calls per config (default 5, quick 3)")
   p.add_argument("--timeout", type=float, default=900, help="seconds per config (default 900)")
@@ -429,9 +445,11 @@ def parse_args(argv):
   p.add_argument("--worker", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.implementations = [s.strip() for s in args.implementations.split(",") if s.strip()]
-  unknown = sorted(set(args.implementations) - set(IMPLEMENTATIONS))
+  if args.implementation:
+    args.implementations = [args.implementation, "jax_nn"]
+  unknown = sorted(set(args.implementations) - set(IMPLEMENTATIONS + KERNELS))
   if unknown or not args.implementations:
-    p.error(f"--implementations: unknown {unknown}; choose from {IMPLEMENTATIONS}")
+    p.error(f"--implementations: unknown {unknown}; choose from {IMPLEMENTATIONS + KERNELS}")
   args.reps = args.reps or (3 if args.quick else 5)
   args.ts = [t for t in (T_QUICK if args.quick else T_FULL) if t <= args.max_t]
   if not args.ts:
@@ -444,7 +462,7 @@ def main(argv=None) -> int:
   """Runs the matmul peak, then every (impl, T), and writes the JSON, markdown and plot."""
   args = parse_args(argv)
   if args.worker:
-    return worker(args.worker, args.reps)
+    return worker(args.worker, args.reps, args.dtype)
   args.outdir.mkdir(parents=True, exist_ok=True)
   print(f"T={args.ts} impls={args.implementations} reps={args.reps} -> {args.outdir}", flush=True)
   matmul = launch(f"matmul:{MATMUL_N}", args.reps, args.timeout)
@@ -460,14 +478,17 @@ def main(argv=None) -> int:
     args.reps,
     args.timeout,
     torch_ok=package_version("torch") is not None,
+    dtype=args.dtype,
   )
+  backends = {r.get("backend") for r in rows if r.get("backend")}
   report = {
     "machine": machine_info(matmul, rows),
     "config": {
       "B": B,
       "N": N,
       "H": H,
-      "dtype": DTYPE,
+      "dtype": args.dtype,
+      "backend": ",".join(sorted(backends)) or "cpu",
       "causal": True,
       "reps": args.reps,
       "T": args.ts,

@@ -189,7 +189,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     ({"mesh": {"data": 16, "fsdp": 1, "tensor": 1}}, "needs 16 devices"),
     ({"model.attention": "nope"}, "registered ids"),
     ({"model.num_kv_heads": 3, "model.num_heads": 4}, "multiple of model.num_kv_heads"),
-    ({"model.implementation": "pallas_tpu"}, "Pallas kernels are not built yet"),
+    ({"model.implementation": "pallas_tpu"}, "needs a TPU backend"),
+    ({"model.implementation": "flash"}, "is not one of"),
   ],
 )
 def test_bad_configs_raise_before_compiling(tmp_path, overrides, match):

@@ -108,9 +108,14 @@ def test_bad_input_message(case):
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "pallas_interpret"])
-def test_pallas_names_raise_not_built(impl):
-  with pytest.raises(NotImplementedError, match="Pallas flash-attention kernels are not built"):
-    dot_product_attention(q, k, v, implementation=impl)
+def test_pallas_kernels_reject_what_they_cannot_take(impl):
+  from attn_jax.attention import AlibiBias, BlockSparseMask
+
+  with pytest.raises(NotImplementedError, match="dense additive biases, not a score-bias"):
+    dot_product_attention(q, k, v, bias=AlibiBias.default(q.shape[2]), implementation=impl)
+  sparse = BlockSparseMask(jnp.zeros((1, 1), jnp.int32), (q.shape[1], k.shape[1]))
+  with pytest.raises(NotImplementedError, match="do not take a BlockSparseMask"):
+    dot_product_attention(q, k, v, mask=sparse, implementation=impl)
 
 
 def test_validation_happens_before_tracing():

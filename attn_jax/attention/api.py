@@ -8,6 +8,7 @@ import jax
 from jaxtyping import Array, Float
 
 from attn_jax.attention import _checks
+from attn_jax.attention import pallas as pallas_lib
 from attn_jax.attention import reference as reference_lib
 from attn_jax.attention import xla as xla_lib
 
@@ -15,12 +16,20 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_inter
 _PALLAS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
 
 
-def default_implementation(backend: str | None = None) -> str:
+def default_implementation(backend: str | None = None, *, mask=None, bias=None) -> str:
   """The implementation ``implementation=None`` picks on ``backend`` (default: jax's).
 
-  Until the Pallas flash kernels land, every backend uses the blocked pure-JAX path.
+  TPU → ``pallas_tpu``, GPU → ``pallas_gpu``, anything else (CPU) → ``xla``. A call the flash
+  kernels cannot take (a ``ScoreBias``, a ``BlockSparseMask``) goes to ``xla`` everywhere.
   """
-  del backend
+  if backend is None:
+    backend = jax.default_backend()
+  if pallas_lib.unsupported_reason(mask, bias) is not None:
+    return "xla"
+  if backend == "tpu":
+    return "pallas_tpu"
+  if backend in ("gpu", "cuda"):
+    return "pallas_gpu"
   return "xla"
 
 
@@ -54,8 +63,10 @@ def dot_product_attention(
     softcap: c in ``c·tanh(s/c)``, applied before bias and mask; None for no cap.
     sinks: per-head sink logits ``[N]`` entering only the softmax denominator.
     implementation: ``"reference"`` (naive oracle), ``"xla"`` (blocked, memory-efficient,
-      skips empty blocks), ``"pallas_tpu"``, ``"pallas_gpu"``, ``"pallas_interpret"``,
-      or None for the best on the current backend. An explicit name is never replaced.
+      skips empty blocks), ``"pallas_tpu"`` / ``"pallas_gpu"`` (flash kernels),
+      ``"pallas_interpret"`` (the TPU kernel simulated on any backend; slow, for
+      debugging), or None for the best on the current backend (see
+      ``default_implementation``). An explicit name is never replaced.
     return_lse: also return the per-row log-sum-exp ``[B, N, T]`` (float32).
     block_q, block_kv: tile sizes for the blocked paths (defaults tuned per backend).
 
@@ -68,20 +79,18 @@ def dot_product_attention(
   dims = _checks.check_qkv(q, k, v)
   _checks.check_options(dims, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks)
   if implementation is None:
-    implementation = default_implementation(jax.default_backend())
+    implementation = default_implementation(jax.default_backend(), mask=mask, bias=bias)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"implementation must be one of {IMPLEMENTATIONS} or None; got {implementation!r}"
     )
-  if implementation in _PALLAS:
-    raise NotImplementedError(
-      f"implementation={implementation!r}: the Pallas flash-attention kernels are not "
-      "built yet in attn_jax; use implementation='xla' (blocked, memory-efficient) or "
-      "'reference'."
-    )
   options = dict(
     mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse
   )
+  if implementation in _PALLAS:
+    return pallas_lib.pallas_attention(
+      q, k, v, implementation=implementation, block_q=block_q, block_kv=block_kv, **options
+    )
   if implementation == "reference":
     if block_q is not None or block_kv is not None:
       raise ValueError(

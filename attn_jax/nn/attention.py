@@ -8,6 +8,8 @@ Hv value head dim.
 ``prefix``, ``softcap``); anything not given takes the default in ``DEFAULT_OPTIONS``.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,7 @@ from flax import nnx
 from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import rope as rope_lib
+from attn_jax.attention import sharded as sharded_lib
 from attn_jax.nn import layers
 
 # Registry ids this module serves; the registry points their ``module`` field here.
@@ -170,7 +173,32 @@ class Attention(nnx.Module):
       self.sow(nnx.Intermediate, "probs", probs_BNTS)
       self.sow(nnx.Intermediate, "heads", out_BTNH)
     else:
-      out_BTNH = api.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, implementation=self.implementation, **kwargs
-      )
+      out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, kwargs)
     return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dtype))
+
+  def _attend(self, q_BTNH, k_BTKH, v_BTKH, kwargs):
+    """Calls the attention function; a Pallas kernel under a mesh runs per shard."""
+    impl = self.implementation or api.default_implementation(
+      mask=kwargs.get("mask"), bias=kwargs.get("bias")
+    )
+    active = sharding.current()
+    if active is None or not impl.startswith("pallas"):
+      return api.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, implementation=impl, **kwargs)
+    mesh, rules = active
+    batch_axes = sharding.mesh_axes_for("batch", rules)
+    head_axes = sharding.mesh_axes_for("kv_heads", rules)
+    B, K = q_BTNH.shape[0], k_BTKH.shape[2]
+    if B % math.prod(mesh.shape[a] for a in batch_axes):
+      batch_axes = ()
+    if K % math.prod(mesh.shape[a] for a in head_axes):
+      head_axes = ()  # heads that do not divide over the mesh stay whole on every device
+    return sharded_lib.sharded_attention(
+      q_BTNH,
+      k_BTKH,
+      v_BTKH,
+      mesh=mesh,
+      batch_axes=batch_axes,
+      head_axes=head_axes,
+      implementation=impl,
+      **kwargs,
+    )
