@@ -326,24 +326,10 @@ def test_mask_fn_without_block_kinds_is_applied(rng):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tpu_info_on_cpu(monkeypatch):
-  """Lets Mosaic lowering rules that ask for the TPU generation run on a CPU host.
-
-  Only integer floor division (the chunked mask's ``//`` lowers through ``sign``) asks; on
-  a real TPU the device answers. Registers a v5e description for the host's device kind.
-  """
-  from jax._src.pallas.mosaic import tpu_info
-
-  monkeypatch.setitem(
-    tpu_info.registry, "cpu", lambda: pltpu.get_tpu_info_for_chip(pltpu.ChipVersion.TPU_V5E, 1)
-  )
-
-
 @pytest.mark.parametrize(
   "name", list(FAST) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
 )
-def test_lowers_for_tpu(rng, name, tpu_info_on_cpu):
+def test_lowers_for_tpu(rng, name):
   case = {**FAST, **SLOW}[name]
   B, T, S = case["dims"][:3]
   args, mask, cots = _inputs(rng, case)

@@ -7,8 +7,10 @@ evaluated on PARTIAL tiles only, and int32 per-token operands the predicate read
 ``q_operands [B, T, Cq]`` and ``kv_operands [B, Ck, S]``.
 
 Lowering, leaf by leaf (combinations with ``&`` / ``|`` combine the predicates):
-  * static masks (full, causal, local, chunked, static prefix-LM): the predicate is the
-    mask's own position arithmetic, with the bottom-right query offset baked in;
+  * static masks (full, causal, local, static prefix-LM): the predicate is the mask's own
+    position arithmetic, with the bottom-right query offset baked in; chunked-causal uses
+    truncating division on non-negative positions (floor division of signed ints lowers
+    through ``sign``, which Mosaic resolves only on a TPU host);
   * ``SegmentMask``: one q operand (query segment ids) and one kv operand (key ids);
   * ``PrefixLMMask`` with per-example lengths: one kv operand, 1 where ``j < prefix[b]``;
   * ``BlockSparseMask``: not lowered (its structure belongs to the block-sparse kernels);
@@ -18,6 +20,7 @@ Lowering, leaf by leaf (combinations with ``&`` / ``|`` combine the predicates):
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from attn_jax.attention import masks as masks_lib
@@ -78,6 +81,18 @@ class _Builder:
         "the Pallas flash kernels do not take a BlockSparseMask (block lists belong to the "
         "block-sparse kernels); use implementation='xla' or 'reference' for it"
       )
+    if isinstance(mask, masks_lib.ChunkedCausalMask):
+      chunk = mask.chunk
+
+      def chunked(qi, ki, qv, kv):
+        # Truncating division on non-negative operands (the causal term hides p < 0):
+        # integer floor division lowers through `sign`, which Mosaic resolves per chip.
+        pos = qi + q_offset
+        c_q, c_k = jnp.asarray(chunk, pos.dtype), jnp.asarray(chunk, ki.dtype)
+        same = jax.lax.div(jnp.maximum(pos, 0), c_q) == jax.lax.div(ki, c_k)
+        return same & (ki <= pos)
+
+      return chunked
     if mask.holds_arrays:
       raise NotImplementedError(
         f"mask {mask!r} holds arrays the Pallas flash kernels cannot read; use "

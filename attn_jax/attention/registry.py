@@ -27,6 +27,8 @@ ALL_PATTERNS = frozenset(PATTERNS)
 CAUSAL_PATTERNS = frozenset((SELF_CAUSAL, CROSS_CAUSAL))
 
 SOFTMAX_IMPLEMENTATIONS = ("reference", "xla")
+# The flash kernels take every mask and option of family (a) except score-bias functions.
+KERNEL_IMPLEMENTATIONS = SOFTMAX_IMPLEMENTATIONS + ("pallas_tpu", "pallas_gpu", "pallas_interpret")
 _DOT_PRODUCT = "attn_jax.attention.api:dot_product_attention"
 # The NNX module of the mask/bias/sink entries (a string: this layer never imports Flax).
 NN_ATTENTION = "attn_jax.nn.attention:Attention"
@@ -241,14 +243,16 @@ def _build_sinks(key, dims, causal):
   return {"mask": _causal_or_none(causal), "sinks": jax.random.normal(key, (dims.N,), jnp.float32)}
 
 
-def _softmax_entry(id, paper, build, patterns, decode, check, tier=1, module=NN_ATTENTION):
+def _softmax_entry(
+  id, paper, build, patterns, decode, check, tier=1, module=NN_ATTENTION, kernels=True
+):
   return register(
     Mechanism(
       id=id,
       family="a",
       paper=paper,
       entry_point=_DOT_PRODUCT,
-      implementations=SOFTMAX_IMPLEMENTATIONS,
+      implementations=KERNEL_IMPLEMENTATIONS if kernels else SOFTMAX_IMPLEMENTATIONS,
       patterns=patterns,
       decode=decode,
       tier=tier,
@@ -338,6 +342,7 @@ _softmax_entry(
   True,
   "slope 0 equals causal; the in-tile bias equals the dense bias tensor; shifting all "
   "positions changes nothing",
+  kernels=False,  # an in-tile score-bias function: the flash kernels take dense biases only
 )
 _softmax_entry(
   "softcap",
@@ -370,7 +375,7 @@ register(
     paper="Rotary position embedding (baseline: RoFormer: Enhanced Transformer with Rotary "
     "Position Embedding)",
     entry_point="attn_jax.attention.rope:rope_attention",
-    implementations=SOFTMAX_IMPLEMENTATIONS,
+    implementations=KERNEL_IMPLEMENTATIONS,
     patterns=ALL_PATTERNS,
     decode=True,
     tier=1,
