@@ -707,7 +707,8 @@ def flash_attention(
     q, k, v: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``, one float dtype
       (float32, bfloat16, float16); N % K == 0 (query head n reads kv head n // (N // K)).
     block_kinds: ``(block_q, block_kv) -> int8 [nQ, nK] or [B, nQ, nK]`` EMPTY / PARTIAL /
-      FULL per tile (``_blocks``), or None: every tile FULL.
+      FULL per tile (``_blocks``), or None: every tile FULL (PARTIAL when ``mask_fn`` is
+      given, so a predicate is never ignored).
     mask_fn: ``(q_idx [bq,1], kv_idx [1,bk], q_vals, kv_vals) -> bool [bq, bk]`` evaluated on
       PARTIAL tiles only (absolute indices), or None.
     q_operands, kv_operands: int ``[B, T, Cq]`` / ``[B, Ck, S]`` read by ``mask_fn``, or None.
@@ -736,7 +737,8 @@ def flash_attention(
   Hp, Hvp = _head_pad(H), _head_pad(Hv)
 
   if block_kinds is None:
-    kinds = np.full((nQ, nK), _blocks.FULL, np.int8)
+    # No block map: every tile FULL, or PARTIAL when there is a predicate to evaluate.
+    kinds = np.full((nQ, nK), _blocks.FULL if mask_fn is None else _blocks.PARTIAL, np.int8)
   else:
     kinds = block_kinds(bq, bk)
     if kinds is None or jnp.shape(kinds) not in ((nQ, nK), (1, nQ, nK), (B, nQ, nK)):

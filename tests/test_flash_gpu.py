@@ -364,3 +364,15 @@ def test_head_dims(rng, head_dims):
 @pytest.mark.parametrize("bias", ["B", "N", "T", "S", "BN", "TS", "BS", "NT", "BNTS"])
 def test_bias_broadcasts(rng, bias):
   check_case(Case("local", B=2, N=2, K=1, block=(32, 32), bias=bias), rng)
+
+
+def test_mask_fn_without_block_kinds_is_applied(rng):
+  """No block map but a predicate: every tile is treated as PARTIAL (never ignored)."""
+  case = Case(mask="causal", T=40, S=70, block=(16, 32))
+  args, mask, _ = make_inputs(case, rng)
+  km = lower(mask, case.B, case.T, case.S)
+  out = flash_attention(
+    args["q"], args["k"], args["v"], mask_fn=km.mask_fn, block_q=16, block_kv=32, interpret=True
+  )
+  ref = attention_reference(*(args[n].astype(jnp.float64) for n in "qkv"), mask=mask)
+  np.testing.assert_allclose(out, ref, atol=TOL[jnp.float32]["out"], rtol=TOL[jnp.float32]["out"])
