@@ -1,6 +1,13 @@
-"""Pallas kernels for attn_jax (flash, block-sparse, chunked linear; TPU and GPU).
+"""Pallas kernels for attn_jax (TPU and GPU), depending only on jax.
 
-Kernels depend only on jax, never on attn_jax. None is built yet: the front door
-``attn_jax.attention.dot_product_attention`` raises a clear error for the Pallas
-implementation names until they land.
+  * ``flash_tpu``: flash attention for TPU (Mosaic), forward and backward, block skipping
+    through scalar-prefetched kv-block lists.
+  * ``flash_gpu``: flash attention for NVIDIA GPUs (Triton lowering), forward and backward,
+    block skipping through per-program loops over kv-block lists.
+  * ``_blocks``: the caller → kernel mask contract (block map, in-tile predicate, per-token
+    operands) and block-list compaction, shared by both.
+
+The block-sparse and chunked-linear kernel families are not built yet.
+``attn_jax.attention.dot_product_attention(implementation="pallas_tpu" | "pallas_gpu" |
+"pallas_interpret")`` is the front door to the flash kernels.
 """
