@@ -7,12 +7,24 @@ Each entry declares which of the four self/cross x causal/non-causal patterns it
 (``PATTERNS``). ``run`` calls an entry on given q/k/v in a pattern; an undeclared pattern
 raises instead of silently computing something else. ``build`` makes the entry's options
 (masks, biases, sinks, ...) for a call of given sizes, deterministically from a PRNG key.
+
+Two interfaces:
+  * ``"qkv"`` (family (a) and every score-level mechanism): ``entry(q, k, v, *,
+    implementation, **build(key, Dims, causal))``, run with ``run``.
+  * ``"layer"`` (mechanisms that own their projections: head structure, head mixing,
+    routing over heads, ...): ``entry(params, x_BTD, *, context_BSD=None, causal,
+    implementation=None, **build(key, LayerDims, causal)) -> y_BTD`` with parameters from
+    ``init(key, *, d_model, num_heads, **options)``; run with ``init_layer`` / ``run_layer``.
+    Cross-attention passes ``context_BSD`` (keys and values from another sequence).
+
+Entries outside this file register themselves when their module is imported; the modules
+listed in ``FAMILY_MODULES`` are imported on first use of the registry.
 """
 
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +44,19 @@ KERNEL_IMPLEMENTATIONS = SOFTMAX_IMPLEMENTATIONS + ("pallas_tpu", "pallas_gpu", 
 _DOT_PRODUCT = "attn_jax.attention.api:dot_product_attention"
 # The NNX module of the mask/bias/sink entries (a string: this layer never imports Flax).
 NN_ATTENTION = "attn_jax.nn.attention:Attention"
+
+
+# Modules that register entries of the layer interface (imported lazily: they import this one).
+FAMILY_MODULES: tuple[str, ...] = ()
+
+
+class LayerDims(NamedTuple):
+  """Sizes of a layer-interface call: x ``[B, T, D]``, context ``[B, S, D]`` (S = T for self)."""
+
+  B: int
+  T: int
+  S: int
+  D: int
 
 
 def pattern_name(*, causal: bool, cross: bool) -> str:
@@ -55,6 +80,8 @@ class Mechanism:
     check: the catalog property the tests assert for this entry.
     build: ``build(key, dims, causal) -> kwargs`` for the entry point.
     module: dotted path of the Flax NNX module, or None until one exists.
+    interface: ``"qkv"`` or ``"layer"`` (see the module docstring).
+    init: ``"module:function"`` making the parameters of a layer-interface entry.
   """
 
   id: str
@@ -68,14 +95,20 @@ class Mechanism:
   check: str
   build: Callable[..., dict] = dataclasses.field(repr=False, compare=False)
   module: str | None = None
+  interface: str = "qkv"
+  init: str | None = None
 
   @property
   def causal(self) -> bool:
     return bool(self.patterns & CAUSAL_PATTERNS)
 
   def function(self) -> Callable:
-    mod, name = self.entry_point.split(":")
-    return getattr(importlib.import_module(mod), name)
+    return _resolve(self.entry_point)
+
+  def init_function(self) -> Callable:
+    if self.init is None:
+      raise ValueError(f"mechanism {self.id!r} has the {self.interface!r} interface: no init")
+    return _resolve(self.init)
 
   def as_json(self) -> dict[str, Any]:
     return {
@@ -90,13 +123,23 @@ class Mechanism:
       "tier": self.tier,
       "check": self.check,
       "module": self.module,
+      "interface": self.interface,
     }
+
+
+def _resolve(path: str) -> Callable:
+  mod, name = path.split(":")
+  return getattr(importlib.import_module(mod), name)
 
 
 _REGISTRY: dict[str, Mechanism] = {}
 
 
 def register(mechanism: Mechanism) -> Mechanism:
+  if mechanism.interface not in ("qkv", "layer"):
+    raise ValueError(f"{mechanism.id}: interface must be 'qkv' or 'layer'")
+  if mechanism.interface == "layer" and mechanism.init is None:
+    raise ValueError(f"{mechanism.id}: a layer-interface entry needs init='module:function'")
   if mechanism.id in _REGISTRY:
     raise ValueError(f"mechanism id {mechanism.id!r} is already registered")
   bad = set(mechanism.patterns) - ALL_PATTERNS
@@ -117,7 +160,19 @@ def canonical_id(mechanism_id: str) -> str:
   return ALIASES.get(mechanism_id, mechanism_id)
 
 
+_LOADED = False
+
+
+def _load_families() -> None:
+  global _LOADED
+  if not _LOADED:
+    _LOADED = True
+    for module in FAMILY_MODULES:
+      importlib.import_module(module)
+
+
 def get(mechanism_id: str) -> Mechanism:
+  _load_families()
   try:
     return _REGISTRY[canonical_id(mechanism_id)]
   except KeyError:
@@ -128,6 +183,7 @@ def get(mechanism_id: str) -> Mechanism:
 
 
 def all_mechanisms() -> list[Mechanism]:
+  _load_families()
   return list(_REGISTRY.values())
 
 
@@ -158,22 +214,63 @@ def run(
     ValueError: the pattern is not declared by the entry, or S != T for self-attention.
   """
   mech = get(mechanism_id)
+  if mech.interface != "qkv":
+    raise ValueError(f"mechanism {mech.id!r} owns its projections: use init_layer / run_layer")
   dims = _checks.check_qkv(q, k, v)
-  pattern = pattern_name(causal=causal, cross=cross)
   if not cross and dims.S != dims.T:
     raise ValueError(
       f"self-attention needs S == T; got T={dims.T}, S={dims.S} (pass "
       "cross=True for cross-attention)"
     )
+  _check_pattern(mech, causal=causal, cross=cross)
+  key = jax.random.key(0) if key is None else key
+  kwargs = mech.build(key, dims, causal)
+  kwargs.update(overrides)
+  return mech.function()(q, k, v, implementation=implementation, **kwargs)
+
+
+def _check_pattern(mech: Mechanism, *, causal: bool, cross: bool) -> None:
+  pattern = pattern_name(causal=causal, cross=cross)
   if pattern not in mech.patterns:
     raise ValueError(
       f"mechanism {mech.id!r} does not support the {pattern!r} pattern; it "
       f"supports {[p for p in PATTERNS if p in mech.patterns]}"
     )
+
+
+def init_layer(mechanism_id: str, key, *, d_model: int, num_heads: int, **options):
+  """Parameters of a layer-interface entry (a pytree of arrays)."""
+  mech = get(mechanism_id)
+  return mech.init_function()(key, d_model=d_model, num_heads=num_heads, **options)
+
+
+def run_layer(
+  mechanism_id: str,
+  params,
+  x_BTD,
+  *,
+  causal: bool,
+  context_BSD=None,
+  key=None,
+  implementation: str | None = None,
+  **overrides,
+):
+  """Runs a layer-interface entry on ``x [B, T, D]`` (cross-attention when ``context_BSD``)."""
+  mech = get(mechanism_id)
+  if mech.interface != "layer":
+    raise ValueError(f"mechanism {mech.id!r} takes q/k/v: use run")
+  if getattr(x_BTD, "ndim", None) != 3:
+    raise ValueError(f"x must have shape [B, T, D]; got {getattr(x_BTD, 'shape', x_BTD)}")
+  cross = context_BSD is not None
+  _check_pattern(mech, causal=causal, cross=cross)
+  B, T, D = x_BTD.shape
+  S = context_BSD.shape[1] if cross else T
   key = jax.random.key(0) if key is None else key
-  kwargs = mech.build(key, dims, causal)
+  kwargs = mech.build(key, LayerDims(B, T, S, D), causal)
   kwargs.update(overrides)
-  return mech.function()(q, k, v, implementation=implementation, **kwargs)
+  if cross:
+    kwargs["context_BSD"] = context_BSD
+  return mech.function()(params, x_BTD, causal=causal, implementation=implementation, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
