@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 STAMP_TEST := $(VENV)/.installed-test
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-slow lint format bench bench-quick readme clean
+.PHONY: run test test-slow test-kernels lint format bench bench-quick readme clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -43,6 +43,10 @@ test: lint
 
 test-slow: $(STAMP_TEST)
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
+
+# The large interpret-mode grids of the Pallas flash kernels (TPU and GPU), with lowering.
+test-kernels: $(STAMP_TEST)
+	$(PY) -m pytest -q -m slow -n $(PYTEST_WORKERS) -p no:cacheprovider tests/test_flash_tpu.py tests/test_flash_gpu.py
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -11,6 +11,7 @@ import ml_collections
 
 from attn_jax import config_lib, sharding
 from attn_jax.models import decoder_lm
+from attn_jax.nn import transformer
 
 
 def get_config(arg=None):
@@ -21,7 +22,7 @@ def get_config(arg=None):
   c.model = dict(
     name="decoder_lm",
     attention=arg.attn,
-    attention_options=dict(window=64, chunk=64, prefix=0, softcap=50.0),
+    attention_options=transformer.default_options(arg.attn),
     d_model=64,
     num_layers=2,
     num_heads=2,

@@ -20,6 +20,7 @@ step 1000: 0.85 accuracy on seen training examples, 0.68 on unseen ones), so the
 import ml_collections
 
 from attn_jax import config_lib, sharding
+from attn_jax.nn import transformer
 
 
 def get_config(arg=None):
@@ -50,7 +51,7 @@ def get_config(arg=None):
   c.model = dict(
     name="decoder_lm",
     attention=arg.attn,
-    attention_options=dict(window=64, chunk=64, prefix=0, softcap=50.0),
+    attention_options=transformer.default_options(arg.attn),
     d_model=arg.d_model,
     num_layers=2,
     num_heads=arg.num_heads,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -73,6 +74,12 @@ def test_two_steps_then_resume_continues_at_the_right_step(tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
+def subprocess_env(devices: int) -> dict:
+  """The environment of a trainer subprocess: ``devices`` host devices, fast compilation."""
+  flags = TEST_XLA_FLAGS.replace("device_count=8", f"device_count={devices}")
+  return {**os.environ, "XLA_FLAGS": flags}
+
+
 def _launch(workdir, steps, extra=()):
   cmd = [
     sys.executable,
@@ -87,7 +94,7 @@ def _launch(workdir, steps, extra=()):
     "--config.checkpoint_every=10",
     *extra,
   ]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = subprocess_env(1)
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -255,7 +262,7 @@ def _free_port():
 def test_two_process_distributed_run(tmp_path):
   port = _free_port()
   workdir = str(tmp_path / "run")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = subprocess_env(2)
   procs = [
     subprocess.Popen(
       [
@@ -295,7 +302,7 @@ def test_mqar_sweep_script_runs_tabulates_and_reuses(tmp_path):
     f"--runs_dir={tmp_path / 'runs'}",
     f"--out={out}",
   ]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = subprocess_env(1)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   results = json.load(open(out + ".json"))

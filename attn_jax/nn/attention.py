@@ -56,6 +56,8 @@ class Attention(nnx.Module):
     implementation: passed to ``dot_product_attention`` (None: best for the backend).
   """
 
+  DEFAULT_OPTIONS = DEFAULT_OPTIONS  # the option keys configs expose for these kinds
+
   def __init__(
     self,
     *,

@@ -31,6 +31,31 @@ def attention_module_class(kind: str):
   return getattr(importlib.import_module(module), name)
 
 
+def default_options(attention: str | Sequence[str]) -> dict:
+  """The option defaults of every attention module an id (or per-layer ids) selects.
+
+  Configs start ``model.attention_options`` from this, so each option a module reads is a
+  known config field (``--config.model.attention_options.<key>=...``). Modules declare their
+  options and defaults in a ``DEFAULT_OPTIONS`` class attribute.
+  """
+  if isinstance(attention, str):
+    attention = attention.split("+")
+  options: dict = {}
+  for kind in attention:
+    options.update(getattr(attention_module_class(kind), "DEFAULT_OPTIONS", {}))
+  return options
+
+
+def check_known_options(options: dict, kinds: Sequence[str]) -> None:
+  """Raises ValueError for option keys no module of ``kinds`` declares."""
+  known = default_options(list(kinds))
+  unknown = set(options) - set(known)
+  if unknown:
+    raise ValueError(
+      f"unknown attention options {sorted(unknown)} for {list(kinds)}; known: {sorted(known)}"
+    )
+
+
 def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
   """One registry id per layer from an id, a list, or ``"a+b+c"`` (validated, aliases resolved)."""
   if isinstance(attention, str) and "+" in attention:  # "a+b+c": one id per layer
@@ -56,15 +81,25 @@ class Block(nnx.Module):
     mlp: str = "gelu",
     mlp_dim: int | None = None,
     norm: str = "layernorm",
+    check_options: bool = True,
     rngs: nnx.Rngs,
     **attention_kwargs,
   ):
     if mlp not in layers.MLPS:
       raise ValueError(f"mlp must be one of {layers.MLPS}; got {mlp!r}")
     self.attn_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
-    self.attn = attention_module_class(kind)(
-      d_model=d_model, kind=kind, rngs=rngs, **attention_kwargs
-    )
+    cls = attention_module_class(kind)
+    known = getattr(cls, "DEFAULT_OPTIONS", None)
+    options = attention_kwargs.get("options")
+    if known is not None and options is not None:
+      if check_options:
+        check_known_options(options, [kind])
+      # Per-layer mixes share one options dict: each module takes the keys it declares.
+      attention_kwargs = {
+        **attention_kwargs,
+        "options": {k: options[k] for k in options if k in known},
+      }
+    self.attn = cls(d_model=d_model, kind=kind, rngs=rngs, **attention_kwargs)
     if mlp != "none":
       self.mlp_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
     self.mlp = (
@@ -103,8 +138,13 @@ class Transformer(nnx.Module):
   ):
     self.kinds = layer_kinds(attention, num_layers)
     self.remat = remat
+    if block_kwargs.get("options") is not None:
+      check_known_options(block_kwargs["options"], self.kinds)
     self.blocks = nnx.List(
-      [Block(kind=k, d_model=d_model, norm=norm, rngs=rngs, **block_kwargs) for k in self.kinds]
+      [
+        Block(kind=k, d_model=d_model, norm=norm, check_options=False, rngs=rngs, **block_kwargs)
+        for k in self.kinds
+      ]
     )
     self.final_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
 
