@@ -47,7 +47,7 @@ NN_ATTENTION = "attn_jax.nn.attention:Attention"
 
 
 # Modules that register entries of the layer interface (imported lazily: they import this one).
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = ("attn_jax.attention.mla",)
 
 
 class LayerDims(NamedTuple):
