@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _blocks
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -171,24 +173,13 @@ def _cached_static_block_kinds(mask, q_len, kv_len, block_q, block_kv, q_offset)
 
 
 def compact_block_kinds(kinds):
-  """(count, index, full) lists of the non-empty blocks along the last axis of ``kinds``."""
-  if isinstance(kinds, np.ndarray):
-    nonempty = kinds != EMPTY
-    count = nonempty.sum(-1).astype(np.int32)
-    width = max(int(count.max(initial=0)), 1)
-    order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :width].astype(np.int32)
-    # Pad by repeating the last listed block so a padded entry never points at a new block.
-    pos = np.minimum(np.arange(width), np.maximum(count[..., None] - 1, 0))
-    index = np.take_along_axis(order, pos, axis=-1)
-    full = np.take_along_axis(kinds, index, axis=-1) == FULL
-    return count, index, full
-  nonempty = kinds != EMPTY
-  count = nonempty.sum(-1).astype(jnp.int32)
-  order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
-  pos = jnp.minimum(jnp.arange(kinds.shape[-1]), jnp.maximum(count[..., None] - 1, 0))
-  index = jnp.take_along_axis(order, pos, axis=-1)
-  full = jnp.take_along_axis(kinds, index, axis=-1) == FULL
-  return count, index, full
+  """(count, index, full) lists of the non-empty blocks along the last axis of ``kinds``.
+
+  The compaction the Pallas kernels use (``pallas_kernels._blocks.compact``), with ``full``
+  as a bool array.
+  """
+  count, index, full = _blocks.compact(kinds)
+  return count, index, full.astype(bool)
 
 
 # ---------------------------------------------------------------------------------------
