@@ -47,7 +47,7 @@ NN_ATTENTION = "attn_jax.nn.attention:Attention"
 
 
 # Modules that register entries of the layer interface (imported lazily: they import this one).
-FAMILY_MODULES: tuple[str, ...] = ("attn_jax.attention.mla",)
+FAMILY_MODULES: tuple[str, ...] = ("attn_jax.attention.mla", "attn_jax.attention.heads")
 
 
 class LayerDims(NamedTuple):
@@ -182,9 +182,18 @@ def get(mechanism_id: str) -> Mechanism:
     ) from None
 
 
+def _listing_key(item: tuple[int, Mechanism]) -> tuple:
+  """Family, then the defining module (built-ins first, then ``FAMILY_MODULES`` order), then
+  registration order: the same listing whichever family module was imported first."""
+  seq, m = item
+  module = m.entry_point.partition(":")[0]
+  rank = FAMILY_MODULES.index(module) + 1 if module in FAMILY_MODULES else 0
+  return m.family, rank, seq
+
+
 def all_mechanisms() -> list[Mechanism]:
   _load_families()
-  return list(_REGISTRY.values())
+  return [m for _, m in sorted(enumerate(_REGISTRY.values()), key=_listing_key)]
 
 
 def run(

@@ -18,7 +18,7 @@ from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
-from attn_jax.nn import layers
+from attn_jax.nn import layers, projected
 
 # Registry ids this module serves; the registry points their ``module`` field here.
 KINDS = (
@@ -89,13 +89,10 @@ class Attention(nnx.Module):
       )
     if positions not in POSITIONS:
       raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
-    unknown = set(options or {}) - set(DEFAULT_OPTIONS)
-    if unknown:
-      raise ValueError(f"unknown attention options {sorted(unknown)}; known: {DEFAULT_OPTIONS}")
     self.kind, self.causal, self.qk_norm = kind, causal, qk_norm
     self.rope = kind == "rope" or positions == "rope"
     self.rope_base, self.rotary_dim = rope_base, rotary_dim
-    self.options = {**DEFAULT_OPTIONS, **(options or {})}
+    self.options = projected.merge_options(kind, options, DEFAULT_OPTIONS)
     self.implementation = implementation
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     init = layers.fan_in_init(d_model)

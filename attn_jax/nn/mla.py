@@ -24,10 +24,9 @@ normalising the per-head keys would break the absorbed form.
 
 from flax import nnx
 
-from attn_jax.attention import masks, reference
 from attn_jax.attention import mla as mla_lib
 from attn_jax.nn import attention as attention_lib
-from attn_jax.nn import layers
+from attn_jax.nn import layers, projected
 
 KINDS = ("mla", "mla_absorbed")
 POSITIONS = ("rope", "learned", "none")
@@ -44,7 +43,7 @@ DEFAULT_OPTIONS = {
 MLA_OPTIONS = tuple(k for k in DEFAULT_OPTIONS if k not in attention_lib.DEFAULT_OPTIONS)
 
 
-class MLAAttention(nnx.Module):
+class MLAAttention(projected.ProjectedAttention):
   """Multi-head latent attention selected by the registry ids ``mla`` / ``mla_absorbed``.
 
   Args:
@@ -82,10 +81,7 @@ class MLAAttention(nnx.Module):
     implementation: str | None = None,
     rngs: nnx.Rngs,
   ):
-    if kind not in KINDS:
-      raise ValueError(f"MLAAttention serves the registry ids {KINDS}; got kind={kind!r}")
-    if positions not in POSITIONS:
-      raise ValueError(f"positions must be one of {POSITIONS}; got {positions!r}")
+    projected.check_kind("MLAAttention", kind, KINDS, positions, POSITIONS)
     if qk_norm:
       raise ValueError(
         f"attention kind {kind!r} does not take qk_norm=True: normalising per-head keys "
@@ -95,14 +91,8 @@ class MLAAttention(nnx.Module):
       raise ValueError(
         f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
       )
-    options = dict(options or {})
-    unknown = set(options) - set(DEFAULT_OPTIONS)
-    if unknown:
-      raise ValueError(
-        f"unknown attention options {sorted(unknown)} for {kind!r}; known: "
-        f"{sorted(DEFAULT_OPTIONS)}"
-      )
-    opts = {k: options.get(k, DEFAULT_OPTIONS[k]) for k in MLA_OPTIONS}
+    options = projected.merge_options(kind, options, DEFAULT_OPTIONS)
+    opts = {k: options[k] for k in MLA_OPTIONS}
     if opts["v_head_dim"] == -1 and v_head_dim is not None:
       opts["v_head_dim"] = v_head_dim
     self.dims = mla_lib.resolve_dims(
@@ -111,13 +101,11 @@ class MLAAttention(nnx.Module):
     self.rope = {"base": rope_base, "rotary_dim": rotary_dim}
     mla_lib.resolve_rope(self.rope, self.dims.R)  # a bad rotary_dim fails at construction
     self.kind, self.causal, self.implementation = kind, causal, implementation
-    self.param_names = tuple(mla_lib.param_specs(self.dims))
-    for name, (shape, fan_in, axes) in mla_lib.param_specs(self.dims).items():
-      setattr(self, name, layers.param(rngs, layers.fan_in_init(fan_in), shape, axes))
-
-  def param_tree(self) -> dict:
-    """The parameters as the pytree ``attn_jax.attention.mla`` takes."""
-    return {name: getattr(self, name)[...] for name in self.param_names}
+    specs = mla_lib.param_specs(self.dims)
+    self._declare_params(
+      rngs,
+      {n: (shape, layers.fan_in_init(fan_in), axes) for n, (shape, fan_in, axes) in specs.items()},
+    )
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, capture: bool = False):
     """Attention over ``x [B, T, D]``.
@@ -130,9 +118,7 @@ class MLAAttention(nnx.Module):
         the absorbed form equals).
     """
     params = self.param_tree()
-    mask = None
-    if segment_ids_BT is not None:
-      mask = masks.SegmentMask(segment_ids_BT, segment_ids_BT)
+    mask = projected.segment_mask(segment_ids_BT)
     if capture:
       return self._captured(params, x_BTD, positions_BT, mask)
     fn = mla_lib.mla_absorbed if self.kind == "mla_absorbed" else mla_lib.mla
@@ -148,11 +134,7 @@ class MLAAttention(nnx.Module):
 
   def _captured(self, params, x_BTD, positions_BT, mask):
     q_BTNH, k_BTNH, v_BTNV = mla_lib.mla_expanded_qkv(params, x_BTD, positions_BT, rope=self.rope)
-    if self.causal:
-      mask = masks.CausalMask() if mask is None else masks.CausalMask() & mask
-    out_BTNV, probs_BNTS = reference.attention_reference(
-      q_BTNH, k_BTNH, v_BTNV, mask=mask, scale=self.dims.scale, return_probs=True
+    out_BTNV = self._sow_reference(
+      q_BTNH, k_BTNH, v_BTNV, mask, causal=self.causal, scale=self.dims.scale
     )
-    self.sow(nnx.Intermediate, "probs", probs_BNTS)
-    self.sow(nnx.Intermediate, "heads", out_BTNV)
     return mla_lib.output_projection(params, out_BTNV)
