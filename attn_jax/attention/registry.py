@@ -47,7 +47,11 @@ NN_ATTENTION = "attn_jax.nn.attention:Attention"
 
 
 # Modules that register entries of the layer interface (imported lazily: they import this one).
-FAMILY_MODULES: tuple[str, ...] = ("attn_jax.attention.mla", "attn_jax.attention.heads")
+FAMILY_MODULES: tuple[str, ...] = (
+  "attn_jax.attention.mla",
+  "attn_jax.attention.heads",
+  "attn_jax.attention.cross_head",
+)
 
 
 class LayerDims(NamedTuple):
