@@ -51,6 +51,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.mla",
   "attn_jax.attention.heads",
   "attn_jax.attention.cross_head",
+  "attn_jax.attention.moh",
 )
 
 
