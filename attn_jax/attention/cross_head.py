@@ -34,6 +34,7 @@ The public functions validate by hand (a ``ValueError`` naming the argument, wha
 what it needs) and are left to that check (``typing.no_type_check``).
 """
 
+import functools
 import math
 import typing
 
@@ -261,39 +262,7 @@ def param_specs(
 
 
 def _init(kind: str):
-  def init(
-    key,
-    *,
-    d_model: int,
-    num_heads: int,
-    num_kv_heads: int | None = None,
-    head_dim: int | None = None,
-    dtype=jnp.float32,
-    **options,
-  ) -> dict[str, Array]:
-    unknown = set(options) - set(OPTION_KEYS[kind])
-    if unknown:
-      raise ValueError(f"unknown {kind} options {sorted(unknown)}; known: {OPTION_KEYS[kind]}")
-    specs = param_specs(
-      kind,
-      d_model=d_model,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
-      **options,
-    )
-    keys = jax.random.split(key, len(specs))
-    return {
-      name: fn(k, shape, dtype)
-      for k, (name, (shape, fn, _)) in zip(keys, specs.items(), strict=True)
-    }
-
-  init.__name__ = init.__qualname__ = f"init_{kind}"
-  init.__doc__ = (
-    f"Parameters of ``{kind}`` (a dict of arrays; see ``param_specs`` for shapes, defaults "
-    f"and the identity initialisation). Options: {', '.join(OPTION_KEYS[kind])}."
-  )
-  return init
+  return heads_lib.make_init(kind, OPTION_KEYS[kind], functools.partial(param_specs, kind))
 
 
 init_talking_heads = _init("talking_heads")

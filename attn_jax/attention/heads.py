@@ -46,6 +46,7 @@ The public functions validate by hand (a ``ValueError`` naming the argument, wha
 what it needs) and are left to that check (``typing.no_type_check``).
 """
 
+import functools
 import math
 import typing
 from typing import NamedTuple
@@ -901,7 +902,11 @@ def param_specs(
   return specs
 
 
-def _init(kind: str):
+def make_init(kind: str, option_keys, specs_fn) -> typing.Callable:
+  """``init_<kind>(key, *, d_model, num_heads, num_kv_heads, head_dim, dtype, **options)``
+  of the layer interface: one draw per entry of ``specs_fn(d_model=..., ..., **options)``
+  (``{name: (shape, init, logical_axes)}``), refusing options outside ``option_keys``."""
+
   def init(
     key,
     *,
@@ -912,16 +917,11 @@ def _init(kind: str):
     dtype=jnp.float32,
     **options,
   ) -> dict[str, Array]:
-    unknown = set(options) - set(OPTION_KEYS[kind])
+    unknown = set(options) - set(option_keys)
     if unknown:
-      raise ValueError(f"unknown {kind} options {sorted(unknown)}; known: {OPTION_KEYS[kind]}")
-    specs = param_specs(
-      kind,
-      d_model=d_model,
-      num_heads=num_heads,
-      num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
-      **options,
+      raise ValueError(f"unknown {kind} options {sorted(unknown)}; known: {tuple(option_keys)}")
+    specs = specs_fn(
+      d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **options
     )
     keys = jax.random.split(key, len(specs))
     return {
@@ -932,9 +932,13 @@ def _init(kind: str):
   init.__name__ = init.__qualname__ = f"init_{kind}"
   init.__doc__ = (
     f"Parameters of ``{kind}`` (a dict of arrays; see ``param_specs`` for shapes and "
-    f"defaults). Options: {', '.join(OPTION_KEYS[kind])}."
+    f"defaults). Options: {', '.join(option_keys)}."
   )
   return init
+
+
+def _init(kind: str):
+  return make_init(kind, OPTION_KEYS[kind], functools.partial(param_specs, kind))
 
 
 init_mqa = _init("mqa")

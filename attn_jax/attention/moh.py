@@ -197,29 +197,14 @@ def param_specs(
   return specs
 
 
-def init_moh(
-  key,
-  *,
-  d_model: int,
-  num_heads: int,
-  num_kv_heads: int | None = None,
-  head_dim: int | None = None,
-  dtype=jnp.float32,
-  **options,
-) -> dict[str, Array]:
-  """Parameters of ``moh``. Options: v_head_dim, moh_shared_heads (-1: max(1, N // 4)),
-  moh_top_k (accepted and unused here: a call option)."""
-  unknown = set(options) - {"v_head_dim", "moh_shared_heads", "moh_top_k"}
-  if unknown:
-    raise ValueError(f"unknown moh options {sorted(unknown)}")
-  options.pop("moh_top_k", None)
-  specs = param_specs(
-    d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **options
-  )
-  keys = jax.random.split(key, len(specs))
-  return {
-    n: fn(k, shape, dtype) for k, (n, (shape, fn, _)) in zip(keys, specs.items(), strict=True)
-  }
+def _specs_for_init(*, moh_top_k=None, **kwargs):
+  del moh_top_k  # a call option, accepted so a config's options serve both
+  return param_specs(**kwargs)
+
+
+init_moh = heads_lib.make_init(
+  "moh", ("v_head_dim", "moh_shared_heads", "moh_top_k"), _specs_for_init
+)
 
 
 def _build(key, dims, causal):

@@ -23,10 +23,7 @@ Positions: "rope" rotates the per-head q and k (``rope_base``, ``rotary_dim``) a
 ``positions_BT``; "learned" and "none" leave them alone. ``qk_norm`` is refused.
 """
 
-import jax.numpy as jnp
-
 from attn_jax.attention import cross_head as cross_head_lib
-from attn_jax.attention import rope as rope_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
@@ -114,11 +111,9 @@ class CrossHeadAttention(projected.ProjectedAttention):
         f"mta_head_mix must be one of {cross_head_lib.MTA_MIX_AT}; got {options['mta_head_mix']!r}"
       )
     self.kind, self.causal, self.implementation = kind, causal, implementation
-    self.rope = {"base": rope_base, "rotary_dim": rotary_dim} if positions == "rope" else None
     self._declare_params(rngs, specs)
-    if self.rope is not None:  # a bad rotary_dim fails at construction, not at the first call
-      H = specs["w_k"][0][-1]
-      rope_lib.apply_rope(jnp.zeros((1, 1, 1, H)), jnp.zeros((1,), jnp.int32), **self.rope)
+    H = specs["w_k"][0][-1]
+    self.rope = projected.rope_settings(positions, rope_base, rotary_dim, H)
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
     """Attention over ``x [B, T, D]``.

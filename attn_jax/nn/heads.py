@@ -25,11 +25,9 @@ Positions: "rope" rotates the per-head q and k (``rope_base``, ``rotary_dim``) a
 bidirectional only (its key-norm assignment sees the whole sequence).
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.attention import heads as heads_lib
-from attn_jax.attention import rope as rope_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
@@ -108,11 +106,9 @@ class HeadStructureAttention(projected.ProjectedAttention):
     )
     self.kind, self.causal, self.implementation = kind, causal, implementation
     self.mhe_variant = opts.get("mhe_variant", "additive")
-    self.rope = {"base": rope_base, "rotary_dim": rotary_dim} if positions == "rope" else None
     self._declare_params(rngs, specs)
-    if self.rope is not None:  # a bad rotary_dim fails at construction, not at the first call
-      H = specs["w_k"][0][-1]
-      rope_lib.apply_rope(jnp.zeros((1, 1, 1, H)), jnp.zeros((1,), jnp.int32), **self.rope)
+    H = specs["w_k"][0][-1]
+    self.rope = projected.rope_settings(positions, rope_base, rotary_dim, H)
 
   def _kwargs(self):
     return {"mhe_variant": self.mhe_variant} if self.kind == "mhe" else {}

@@ -8,11 +8,9 @@ The generic keys ``window``, ``chunk``, ``prefix``, ``softcap`` are declared and
 Positions: "rope" rotates q and k; "learned" and "none" leave them alone.
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.attention import moh as moh_lib
-from attn_jax.attention import rope as rope_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
@@ -62,11 +60,9 @@ class MoHAttention(projected.ProjectedAttention):
     if self.top_k is not None and not 1 <= self.top_k <= Nr:
       raise ValueError(f"moh_top_k must be in [1, {Nr}] (the routed heads); got {self.top_k}")
     self.causal, self.implementation = causal, implementation
-    self.rope = {"base": rope_base, "rotary_dim": rotary_dim} if positions == "rope" else None
     self._declare_params(rngs, specs)
-    if self.rope is not None:
-      H = specs["w_k"][0][-1]
-      rope_lib.apply_rope(jnp.zeros((1, 1, 1, H)), jnp.zeros((1,), jnp.int32), **self.rope)
+    H = specs["w_k"][0][-1]
+    self.rope = projected.rope_settings(positions, rope_base, rotary_dim, H)
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
     y, aux = moh_lib.moh(

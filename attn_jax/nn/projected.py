@@ -7,9 +7,11 @@ packed-document ids into a mask, and, for ``capture=True``, sows the probabiliti
 per-head outputs computed by the reference path on its per-head q/k/v.
 """
 
+import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax.attention import masks, reference
+from attn_jax.attention import rope as rope_lib
 from attn_jax.nn import layers
 
 
@@ -30,6 +32,16 @@ def check_kind(layer: str, kind: str, kinds, positions: str, allowed_positions) 
     raise ValueError(f"{layer} serves the registry ids {tuple(kinds)}; got kind={kind!r}")
   if positions not in allowed_positions:
     raise ValueError(f"positions must be one of {tuple(allowed_positions)}; got {positions!r}")
+
+
+def rope_settings(positions: str, rope_base: float, rotary_dim, head_dim: int) -> dict | None:
+  """The ``rope`` dict of the layer functions (None unless ``positions == "rope"``); a bad
+  ``rotary_dim`` fails here, at construction, rather than at the first call."""
+  if positions != "rope":
+    return None
+  rope = {"base": rope_base, "rotary_dim": rotary_dim}
+  rope_lib.apply_rope(jnp.zeros((1, 1, 1, head_dim)), jnp.zeros((1,), jnp.int32), **rope)
+  return rope
 
 
 def segment_mask(segment_ids_BT) -> masks.Mask | None:
