@@ -1,6 +1,7 @@
 """The mixture-of-head attention layer of the stacks (registry id ``moh``): owns the
-projections and gates and calls ``attn_jax.attention.moh``; sows the load-balance loss as
-``nnx.Intermediate`` "aux_loss" (the trainer adds it times ``config.aux_loss_weight``).
+projections and gates and calls ``attn_jax.attention.moh``; under ``nnx.capture`` it sows the
+load-balance loss as ``nnx.Intermediate`` "aux_loss" (the trainer adds it times
+``config.aux_loss_weight``).
 
 Options (``options=``; -1 takes the default): ``moh_shared_heads`` (always-on heads, default
 max(1, N // 4)), ``moh_top_k`` (routed heads kept per token, default half the routed heads).
@@ -76,5 +77,9 @@ class MoHAttention(projected.ProjectedAttention):
       return_aux=True,
       moh_top_k=self.top_k,
     )
-    self.sow(nnx.Intermediate, "aux_loss", aux["load_balance"])
+    # Sow only under ``nnx.capture`` (how the trainer collects it): a plain call inside a jax
+    # transform (``jax.grad`` over a closure) may not mutate the module, and sowing outside
+    # capture is deprecated in flax.
+    if hasattr(self, "__captures__"):
+      self.sow(nnx.Intermediate, "aux_loss", aux["load_balance"])
     return y
