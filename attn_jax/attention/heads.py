@@ -329,6 +329,20 @@ def _static_qkv(params, x_BTD, src_BSD, call: _Call):
   return q_BTNH, _rotate(k_BSKH, call.kv_pos_BS, call.rope), v_BSKV
 
 
+def gated_heads(
+  params,
+  x_BTD: Float[Array, "B T D"],
+  gates_BTN: Float[Array, "B T N"],
+  call: _Call,
+  implementation: str | None = None,
+) -> Float[Array, "B T D"]:
+  """``y_t = Σ_n g_t,n o_t,n W_O,n``: the static layer with each head's output scaled by its
+  gate (one attention call for all heads; gates of ones give the plain layer)."""
+  q_BTNH, k_BSKH, v_BSKV = _static_qkv(params, x_BTD, call.src_BSD, call)
+  o_BTNV = attend_kv_heads(q_BTNH, k_BSKH, v_BSKV, mask=call.mask, implementation=implementation)
+  return output_projection(params, o_BTNV * gates_BTN[..., None].astype(o_BTNV.dtype))
+
+
 def _static_layer(kind, params, x_BTD, context_BSD, causal, implementation, mask, pos, rope):
   dims = static_dims(params, kind)
   call = _check_call(dims.D, x_BTD, context_BSD, causal, mask, pos, rope)

@@ -118,9 +118,7 @@ def moh_from_gates(
   B, T, _ = x_BTD.shape
   if tuple(np.shape(gates_BTN)) != (B, T, dims.N):
     raise ValueError(f"gates_BTN must have shape {(B, T, dims.N)}; got {np.shape(gates_BTN)}")
-  q, k, v = heads_lib._static_qkv(base, x_BTD, call.src_BSD, call)
-  o_BTNV = heads_lib.attend_kv_heads(q, k, v, mask=call.mask, implementation=implementation)
-  return heads_lib.output_projection(base, o_BTNV * gates_BTN[..., None].astype(o_BTNV.dtype))
+  return heads_lib.gated_heads(base, x_BTD, gates_BTN, call, implementation)
 
 
 @typing.no_type_check

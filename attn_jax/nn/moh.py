@@ -9,8 +9,6 @@ The generic keys ``window``, ``chunk``, ``prefix``, ``softcap`` are declared and
 Positions: "rope" rotates q and k; "learned" and "none" leave them alone.
 """
 
-from flax import nnx
-
 from attn_jax.attention import moh as moh_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
@@ -77,9 +75,5 @@ class MoHAttention(projected.ProjectedAttention):
       return_aux=True,
       moh_top_k=self.top_k,
     )
-    # Sow only under ``nnx.capture`` (how the trainer collects it): a plain call inside a jax
-    # transform (``jax.grad`` over a closure) may not mutate the module, and sowing outside
-    # capture is deprecated in flax.
-    if hasattr(self, "__captures__"):
-      self.sow(nnx.Intermediate, "aux_loss", aux["load_balance"])
+    projected.sow_aux_loss(self, aux["load_balance"])
     return y

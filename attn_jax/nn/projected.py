@@ -51,6 +51,14 @@ def segment_mask(segment_ids_BT) -> masks.Mask | None:
   return masks.SegmentMask(segment_ids_BT, segment_ids_BT)
 
 
+def sow_aux_loss(module: nnx.Module, value) -> None:
+  """Sows ``value`` as ``nnx.Intermediate`` "aux_loss" (the trainer's auxiliary losses), only
+  under ``nnx.capture``: a plain call inside a jax transform (``jax.grad`` over a closure) may
+  not mutate the module, and sowing outside capture is deprecated in flax."""
+  if hasattr(module, "__captures__"):
+    module.sow(nnx.Intermediate, "aux_loss", value)
+
+
 class ProjectedAttention(nnx.Module):
   """Base of the layers above: parameters by name, the pytree view, the captured reference."""
 
