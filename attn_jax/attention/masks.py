@@ -578,6 +578,77 @@ class BlockSparseMask(Mask):
     return f"BlockSparseMask(block_indices{jnp.shape(self.block_indices)}, {self.block_size})"
 
 
+@jax.tree_util.register_pytree_node_class
+class ChunkSelectionMask(Mask):
+  """Per-query selection of key chunks: query t sees key s when ``selected[b, t, s // chunk]``.
+
+  ``selected``: bool ``[B, T, nC]`` with nC = ceil(S / chunk) (may be traced, e.g. from a
+  per-query top-k over chunk scores). A (q block, kv block) tile is non-empty when any of
+  its queries selected a chunk the kv block overlaps, so tiles are skipped only where the
+  queries of a tile agree on what to leave out. Combine with ``CausalMask()`` for causality.
+  """
+
+  batched = True
+
+  def __init__(self, selected, chunk: int):
+    _check_int("ChunkSelectionMask chunk", chunk, minimum=1)
+    dtype = getattr(selected, "dtype", None)
+    if dtype is None or jnp.ndim(selected) != 3 or dtype != jnp.bool_:
+      raise ValueError(
+        "ChunkSelectionMask selected must be a bool array of shape [B, T, nC]; got "
+        f"{type(selected).__name__} shape={jnp.shape(selected)} dtype={dtype}"
+      )
+    self.selected, self.chunk = selected, int(chunk)
+
+  def _batch_size(self):
+    return jnp.shape(self.selected)[0]
+
+  def check_shapes(self, batch, q_len, kv_len):
+    want = (batch, q_len, _num_blocks(kv_len, self.chunk))
+    if tuple(jnp.shape(self.selected)) != want:
+      raise ValueError(
+        f"ChunkSelectionMask selected has shape {tuple(jnp.shape(self.selected))}; needs "
+        f"{list(want)} (T={q_len}, S={kv_len} in chunks of {self.chunk})"
+      )
+
+  def _visible(self, q_idx, kv_idx, q_offset, b):
+    sel = _take_batch(jnp.asarray(self.selected), b)  # [(B,) T, nC]
+    q = jnp.broadcast_to(q_idx, jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)))
+    c = jnp.broadcast_to(kv_idx // self.chunk, q.shape)
+    if b is not None:
+      return sel[jnp.clip(q, 0, sel.shape[0] - 1), jnp.clip(c, 0, sel.shape[1] - 1)]
+    return sel[:, jnp.clip(q, 0, sel.shape[1] - 1), jnp.clip(c, 0, sel.shape[2] - 1)]
+
+  def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
+    sel = jnp.asarray(self.selected)
+    B, T, nC = sel.shape
+    n_q = q_lo.shape[0]
+    bq = int(q_hi[0, 0]) - int(q_lo[0, 0]) + 1 if n_q > 1 else T
+    pad = ((0, 0), (0, n_q * bq - T), (0, 0))  # padded queries do not exist: neutral rows
+    any_qc = jnp.pad(sel, pad, constant_values=False).reshape(B, n_q, bq, nC).any(2)
+    all_qc = jnp.pad(sel, pad, constant_values=True).reshape(B, n_q, bq, nC).all(2)
+    # Chunks each kv block overlaps (static): [nC, nK].
+    lo, hi = np.asarray(kv_lo)[0], np.asarray(kv_hi)[0]
+    c = np.arange(nC)[:, None]
+    overlap = (c * self.chunk <= hi[None, :]) & ((c + 1) * self.chunk - 1 >= lo[None, :])
+    overlap = jnp.asarray(overlap, jnp.int32)
+    any_ = jnp.einsum("bqc,ck->bqk", any_qc.astype(jnp.int32), overlap) > 0
+    missing = jnp.einsum("bqc,ck->bqk", (~all_qc).astype(jnp.int32), overlap) > 0
+    return any_, ~missing
+
+  def tree_flatten(self):
+    return (self.selected,), self.chunk
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.selected, obj.chunk = children[0], aux
+    return obj
+
+  def __repr__(self):
+    return f"ChunkSelectionMask(selected{jnp.shape(self.selected)}, chunk={self.chunk})"
+
+
 # ---------------------------------------------------------------------------------------
 # Combinations.
 # ---------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.cross_head",
   "attn_jax.attention.moh",
   "attn_jax.attention.head_routing",
+  "attn_jax.attention.longheads",
 )
 
 

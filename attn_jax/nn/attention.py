@@ -5,7 +5,9 @@ Dimension key: B batch, T length, D model dim, N query heads, K kv heads, H q/k 
 Hv value head dim.
 
 ``options`` hold the per-mechanism settings a config gives (``window``, ``chunk``,
-``prefix``, ``softcap``); anything not given takes the default in ``DEFAULT_OPTIONS``.
+``prefix``, ``softcap``, ``longheads_top_k``); anything not given takes the default in
+``DEFAULT_OPTIONS``. ``longheads`` (training-free chunk selection per head) reads ``chunk`` as
+its chunk size.
 """
 
 import math
@@ -16,6 +18,7 @@ from flax import nnx
 
 from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
+from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
 from attn_jax.nn import layers, projected
@@ -32,9 +35,10 @@ KINDS = (
   "softcap",
   "sinks",
   "rope",
+  "longheads",
 )
 CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi")
-DEFAULT_OPTIONS = {"window": 64, "chunk": 64, "prefix": 0, "softcap": 50.0}
+DEFAULT_OPTIONS = {"window": 64, "chunk": 64, "prefix": 0, "softcap": 50.0, "longheads_top_k": 4}
 POSITIONS = ("rope", "learned", "none")
 
 
@@ -165,7 +169,22 @@ class Attention(nnx.Module):
       kwargs["softcap"] = float(self.options["softcap"])
     if self.kind == "sinks":
       kwargs["sinks"] = self.sinks[...]
-    if capture:
+    if (
+      self.kind == "longheads"
+    ):  # training-free chunk selection; options "chunk", "longheads_top_k"
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'longheads'")
+      out_BTNH = longheads_lib.longheads(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        causal=self.causal,
+        longheads_chunk=int(self.options["chunk"]),
+        longheads_top_k=int(self.options["longheads_top_k"]),
+        mask=kwargs["mask"],
+        implementation=self.implementation,
+      )
+    elif capture:
       out_BTNH, probs_BNTS = reference.attention_reference(
         q_BTNH, k_BTKH, v_BTKH, return_probs=True, **kwargs
       )
