@@ -21,6 +21,7 @@ from attn_jax.attention.masks import (
   OrMask,
   PrefixLMMask,
   SegmentMask,
+  SinkKeysMask,
   sliding_window,
 )
 from attn_jax.attention.reference import attention_reference
@@ -45,6 +46,7 @@ __all__ = [
   "PrefixLMMask",
   "ScoreBias",
   "SegmentMask",
+  "SinkKeysMask",
   "alibi_slopes",
   "apply_rope",
   "attention_reference",

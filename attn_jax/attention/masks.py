@@ -255,6 +255,29 @@ class LocalMask(_StaticMask):
     return any_, all_
 
 
+@dataclasses.dataclass(frozen=True)
+class SinkKeysMask(_StaticMask):
+  """The first ``num_keys`` keys (attention-sink tokens), visible to every query: visible iff
+  ``j < num_keys``. ``sliding_window(w) | (SinkKeysMask(n) & CausalMask())`` is the
+  sinks-plus-recent-window pattern of streaming decoders."""
+
+  num_keys: int
+
+  def __post_init__(self):
+    _check_int("SinkKeysMask num_keys", self.num_keys, minimum=0)
+
+  def _visible(self, q_idx, kv_idx, q_offset, b):
+    shape = jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx))
+    return jnp.broadcast_to(kv_idx < self.num_keys, shape)
+
+  def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
+    shape = xp.broadcast_shapes(q_lo.shape, kv_lo.shape)
+    return (
+      xp.broadcast_to(kv_lo < self.num_keys, shape),
+      xp.broadcast_to(kv_hi < self.num_keys, shape),
+    )
+
+
 def sliding_window(window: int) -> LocalMask:
   """Causal window of ``window`` keys including the query: visible iff i - w < j <= i."""
   _check_int("window", window, minimum=1)

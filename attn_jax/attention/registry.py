@@ -54,6 +54,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.moh",
   "attn_jax.attention.head_routing",
   "attn_jax.attention.longheads",
+  "attn_jax.attention.qada",
 )
 
 

@@ -7,7 +7,8 @@ Hv value head dim.
 ``options`` hold the per-mechanism settings a config gives (``window``, ``chunk``,
 ``prefix``, ``softcap``, ``longheads_top_k``); anything not given takes the default in
 ``DEFAULT_OPTIONS``. ``longheads`` (training-free chunk selection per head) reads ``chunk`` as
-its chunk size.
+its chunk size; ``qada`` (training-free local/full choice per query and head) reads
+``window`` as its recent-key window.
 """
 
 import math
@@ -19,6 +20,7 @@ from flax import nnx
 from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import longheads as longheads_lib
+from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
 from attn_jax.nn import layers, projected
@@ -36,9 +38,18 @@ KINDS = (
   "sinks",
   "rope",
   "longheads",
+  "qada",
 )
-CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi")
-DEFAULT_OPTIONS = {"window": 64, "chunk": 64, "prefix": 0, "softcap": 50.0, "longheads_top_k": 4}
+CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada")
+DEFAULT_OPTIONS = {
+  "window": 64,
+  "chunk": 64,
+  "prefix": 0,
+  "softcap": 50.0,
+  "longheads_top_k": 4,
+  "qada_sinks": 4,
+  "qada_tau": 0.5,
+}
 POSITIONS = ("rope", "learned", "none")
 
 
@@ -182,6 +193,19 @@ class Attention(nnx.Module):
         longheads_chunk=int(self.options["chunk"]),
         longheads_top_k=int(self.options["longheads_top_k"]),
         mask=kwargs["mask"],
+        implementation=self.implementation,
+      )
+    elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'qada'")
+      out_BTNH = qada_lib.qada(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        qada_sinks=int(self.options["qada_sinks"]),
+        qada_window=int(self.options["window"]),
+        qada_tau=float(self.options["qada_tau"]),
+        mask=None if segment_ids_BT is None else masks.SegmentMask(segment_ids_BT, segment_ids_BT),
         implementation=self.implementation,
       )
     elif capture:
