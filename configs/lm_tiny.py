@@ -46,6 +46,9 @@ def get_config(arg=None):
   c.batch_size = 64
   c.total_steps = 2000
   c.optim = dict(lr=1e-3, weight_decay=0.01, warmup_steps=100, b1=0.9, b2=0.98, clip=1.0)
+  # Weight of the auxiliary losses attention modules sow (MoH / MoA load balancing); no effect
+  # for mechanisms that sow none.
+  c.aux_loss_weight = 0.01
   c.eval_every = 250
   c.eval_examples = 500
   c.early_stop_accuracy = 1.0

@@ -75,6 +75,9 @@ def get_config(arg=None):
   c.optim = dict(
     lr=arg.lr, weight_decay=0.1, warmup_steps=c.total_steps // 50, b1=0.9, b2=0.98, clip=1.0
   )
+  # Weight of the auxiliary losses attention modules sow (MoH / MoA load balancing); no effect
+  # for mechanisms that sow none.
+  c.aux_loss_weight = 0.01
   c.eval_every = 500
   c.eval_examples = 3000
   c.early_stop_accuracy = 0.99

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from attn_jax import checkpoint as ckpt_lib
-from attn_jax import config_lib, data, sharding, train
+from attn_jax import config_lib, data, optim, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/mqar.py:runlocal,seq_len=16,num_pairs=2,d_model=16,num_heads=2"
@@ -315,3 +315,30 @@ def test_mqar_sweep_script_runs_tabulates_and_reuses(tmp_path):
   assert cfg.model.attention_options.window == 4
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and again.stdout.count("[reuse]") == 2
+
+
+def test_trainer_adds_sown_auxiliary_losses_with_their_weight(rng):
+  """With ``aux_loss_weight`` w the training objective is CE + w · Σ (sown "aux_loss"); the
+  reported loss stays the cross-entropy."""
+  config = config_lib.load(os.path.join(ROOT, TINY.replace("num_heads=2", "num_heads=4")), {})
+  config.model.attention = "moh"
+  config.model.attention_options = {**config.model.attention_options, "moh_top_k": 1}
+  model = train.build_model(config.model, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(rng, (4, 16), 0, config.model.vocab_size)
+  targets = jnp.where(jnp.arange(16) % 3 == 0, tokens, -1)
+  batch = {"inputs": tokens, "targets": targets}
+  num_scored = 6
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  objective = {}
+  for weight in (0.0, 0.5):
+    config.aux_loss_weight = weight
+    train_step, _ = train.make_steps(graphdef, tx, num_scored, config)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    _, metrics = jax.jit(train_step)(state, batch)
+    objective[weight] = metrics
+  _, inter = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(tokens)
+  sown = [v for p, v in jax.tree_util.tree_flatten_with_path(inter)[0] if "aux_loss" in str(p)]
+  assert len(sown) == config.model.num_layers  # one moh layer per block, one loss each
+  np.testing.assert_allclose(objective[0.5]["loss"], objective[0.0]["loss"], rtol=1e-6)
+  assert not np.allclose(objective[0.5]["grad_norm"], objective[0.0]["grad_norm"], rtol=1e-4)
