@@ -55,6 +55,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.head_routing",
   "attn_jax.attention.longheads",
   "attn_jax.attention.qada",
+  "attn_jax.attention.differential",
 )
 
 

@@ -71,7 +71,10 @@ def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
 
 
 class Block(nnx.Module):
-  """``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (the MLP may be ``"none"``)."""
+  """``x + attn(norm(x))`` then ``x + mlp(norm(x))`` (the MLP may be ``"none"``).
+
+  ``layer_index`` (1-based depth, set by ``Transformer``) reaches attention modules that
+  declare ``TAKES_LAYER_INDEX``."""
 
   def __init__(
     self,
@@ -82,6 +85,7 @@ class Block(nnx.Module):
     mlp_dim: int | None = None,
     norm: str = "layernorm",
     check_options: bool = True,
+    layer_index: int = 1,
     rngs: nnx.Rngs,
     **attention_kwargs,
   ):
@@ -99,6 +103,8 @@ class Block(nnx.Module):
         **attention_kwargs,
         "options": {k: options[k] for k in options if k in known},
       }
+    if getattr(cls, "TAKES_LAYER_INDEX", False):  # depth-dependent mechanisms (diff_attn)
+      attention_kwargs = {**attention_kwargs, "layer_index": layer_index}
     self.attn = cls(d_model=d_model, kind=kind, rngs=rngs, **attention_kwargs)
     if mlp != "none":
       self.mlp_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
@@ -142,8 +148,16 @@ class Transformer(nnx.Module):
       check_known_options(block_kwargs["options"], self.kinds)
     self.blocks = nnx.List(
       [
-        Block(kind=k, d_model=d_model, norm=norm, check_options=False, rngs=rngs, **block_kwargs)
-        for k in self.kinds
+        Block(
+          kind=k,
+          d_model=d_model,
+          norm=norm,
+          check_options=False,
+          layer_index=i + 1,
+          rngs=rngs,
+          **block_kwargs,
+        )
+        for i, k in enumerate(self.kinds)
       ]
     )
     self.final_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
