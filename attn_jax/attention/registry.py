@@ -56,6 +56,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.longheads",
   "attn_jax.attention.qada",
   "attn_jax.attention.differential",
+  "attn_jax.attention.positional",
 )
 
 
