@@ -146,3 +146,59 @@ def test_bad_input_messages(rng):
     DiffAttention(d_model=15, num_heads=5, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
     registry.init_layer("diff_attn", rng, d_model=D, num_heads=N, num_kv_heads=3)
+
+
+def grouped_init(key, ratio):
+  params = registry.init_layer(
+    "grouped_diff_attn", key, d_model=D, num_heads=N, dtype=jnp.float64, gdiff_ratio=ratio
+  )
+  params["norm"] = 1 + 0.3 * normal(jax.random.fold_in(key, 5), params["norm"].shape, jnp.float64)
+  return params
+
+
+def as_diff_params(g, ratio):
+  """The diff_attn parameters whose second halves are the noise heads repeated ratio times."""
+  rep = lambda w: jnp.repeat(w, ratio, axis=1)  # noqa: E731
+  return {
+    "w_q": jnp.stack([g["w_q_s"], rep(g["w_q_n"])], axis=2),
+    "w_k": jnp.stack([g["w_k_s"], rep(g["w_k_n"])], axis=2),
+    **{n: g[n] for n in ("w_v", "w_o", "norm", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},
+  }
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+def test_grouped_equals_diff_attn_with_repeated_noise_heads(rng, ratio):
+  """Ratio 1:1 is diff_attn; r:1 equals diff_attn whose noise halves repeat each noise head r
+  times (each noise map computed once in the fast path)."""
+  kp, kx = jax.random.split(rng)
+  params = grouped_init(kp, ratio)
+  assert params["w_q_n"].shape[1] == N // ratio
+  x = normal(kx, (2, 10, D), jnp.float64)
+  kw = dict(causal=True, layer_index=2, implementation="reference")
+  want = diff_lib.diff_attn(as_diff_params(params, ratio), x, **kw)
+  close(diff_lib.grouped_diff_attn(params, x, **kw), want, 1e-12)
+
+
+def test_grouped_fast_path_gradients(rng):
+  kp, kx, kw = jax.random.split(rng, 3)
+  params = grouped_init(kp, 2)
+  x = normal(kx, (2, 11, D), jnp.float64)
+  w_out = normal(kw, (2, 11, D), jnp.float64)
+
+  def loss(p, x, impl):
+    y = diff_lib.grouped_diff_attn(p, x, causal=True, implementation=impl, layer_index=4)
+    return jnp.sum(y * w_out.astype(y.dtype)), y
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+  (_, want), want_g = grad(params, x, "reference")
+  f32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  (_, got), got_g = grad(f32, x.astype(jnp.float32), "xla")
+  close(got, want, 5e-5)
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+    close(g, w, 5e-4)
+  with pytest.raises(ValueError, match="gdiff_ratio=3 must divide num_heads=4"):
+    registry.init_layer("grouped_diff_attn", kp, d_model=D, num_heads=N, gdiff_ratio=3)
+  with pytest.raises(ValueError, match="not num_kv_heads; got num_kv_heads=2"):
+    DiffAttention(
+      d_model=D, num_heads=N, num_kv_heads=2, kind="grouped_diff_attn", rngs=nnx.Rngs(0)
+    )

@@ -1,6 +1,7 @@
 """Differential attention (catalog family (e), ``diff_attn``) as a pure JAX function.
 
-"Differential Transformer" (the formula as restated in "Grouped Differential Attention").
+"Differential Transformer" (the formula as restated in "Grouped Differential Attention"),
+and ``grouped_diff_attn`` from "Grouped Differential Attention".
 
 Dimension key: B batch, T query length, S key/value length, D model dim, N differential
 heads, K kv heads (N % K == 0), h the half head dim of q and k, V = 2h the value head dim.
@@ -22,6 +23,17 @@ Fast path: one ``dot_product_attention`` call with 2N query heads ([q_1 heads, q
 against 2K kv heads ([k_1 heads, k_2 heads], the values repeated once), so the kernel's GQA
 map pairs q_1 with k_1 and q_2 with k_2; the difference is taken on the two outputs. No
 T×S map is ever formed; the cost is one extra copy of V (2K value heads instead of K).
+
+**grouped_diff_attn.** N signal heads share Nn = N / r noise heads (r the ratio, GQA-style):
+head i subtracts the map of noise head g(i) = i // r (our reading of the grouping)::
+
+    o_i = softmax(q_i^s k_i^sᵀ / sqrt(h)) v_i − λ softmax(q_g(i)^n k_g(i)^nᵀ / sqrt(h)) v_i
+
+then the same RMSNorm, (1 − λ_init) and output projection. Two attention calls: the signal
+heads (N maps), and the noise heads with the values of their r signal heads concatenated
+along the feature axis (Nn maps of width r·2h), so each noise map is computed once. Ratio
+1:1 is ``diff_attn`` with K = N. The paper's group-differentiated growth (replicating signal
+heads to scale a trained model) is not built.
 """
 
 import math
@@ -163,6 +175,144 @@ def diff_attn(
   return heads_lib._finish(y, {"lambda": lam}, return_aux)
 
 
+# ---------------------------------------------------------------------------------------
+# grouped_diff_attn
+# ---------------------------------------------------------------------------------------
+
+_GROUPED = ("w_q_s", "w_k_s", "w_q_n", "w_k_n", "w_v", "w_o") + _NAMES[4:]
+
+
+def grouped_differential_heads(
+  qs_BTNH: Float[Array, "B T N h"],
+  ks_BSNH: Float[Array, "B S N h"],
+  qn_BTMH: Float[Array, "B T Nn h"],
+  kn_BSMH: Float[Array, "B S Nn h"],
+  v_BSNV: Float[Array, "B S N V"],
+  lam,
+  *,
+  mask=None,
+  implementation: str | None = None,
+) -> Float[Array, "B T N V"]:
+  """``A_i^s v_i − λ A_(i // r)^n v_i`` as two calls; the noise call reads the r values of
+  each group concatenated, so every noise map is computed once."""
+  B, T, N, _ = qs_BTNH.shape
+  S, Nn, V = v_BSNV.shape[1], qn_BTMH.shape[2], v_BSNV.shape[3]
+  if N % Nn or kn_BSMH.shape[2] != Nn or ks_BSNH.shape[2] != N or v_BSNV.shape[2] != N:
+    raise ValueError(
+      f"signal q/k/v need N heads and noise q/k Nn heads with Nn dividing N; got q_s "
+      f"{qs_BTNH.shape}, k_s {ks_BSNH.shape}, q_n {qn_BTMH.shape}, k_n {kn_BSMH.shape}, "
+      f"v {v_BSNV.shape}"
+    )
+  r = N // Nn
+  o_s = api_lib.dot_product_attention(
+    qs_BTNH, ks_BSNH, v_BSNV, mask=mask, implementation=implementation
+  )
+  v_cat = v_BSNV.reshape(B, S, Nn, r * V)
+  o_n = api_lib.dot_product_attention(
+    qn_BTMH, kn_BSMH, v_cat, mask=mask, implementation=implementation
+  ).reshape(B, T, N, V)
+  return o_s - jnp.asarray(lam, o_s.dtype) * o_n
+
+
+def grouped_dims(params) -> tuple[int, int, int, int]:
+  """(D, N, Nn, h) of grouped_diff_attn params, every array checked."""
+  if not isinstance(params, dict) or set(params) != set(_GROUPED):
+    got = sorted(params) if isinstance(params, dict) else type(params)
+    raise ValueError(f"grouped_diff_attn params must hold {sorted(_GROUPED)}; got {got}")
+  shapes = {n: tuple(np.shape(params[n])) for n in _GROUPED}
+  if len(shapes["w_q_s"]) != 3 or len(shapes["w_q_n"]) != 3:
+    raise ValueError(
+      f"w_q_s / w_q_n must be [D, heads, h]; got {shapes['w_q_s']}, {shapes['w_q_n']}"
+    )
+  D, N, h = shapes["w_q_s"]
+  Nn = shapes["w_q_n"][1]
+  want = {
+    "w_k_s": (D, N, h),
+    "w_q_n": (D, Nn, h),
+    "w_k_n": (D, Nn, h),
+    "w_v": (D, N, 2 * h),
+    "w_o": (N, 2 * h, D),
+    "norm": (2 * h,),
+    **{n: (h,) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")},
+  }
+  for name, shape in want.items():
+    if shapes[name] != shape:
+      raise ValueError(f"params[{name!r}] must have shape {shape}; got {shapes[name]}")
+  if Nn < 1 or N % Nn:
+    raise ValueError(f"noise heads Nn={Nn} must divide the signal heads N={N}")
+  return D, N, Nn, h
+
+
+@typing.no_type_check
+def grouped_diff_attn(
+  params,
+  x_BTD: Float[Array, "B T D"],
+  *,
+  context_BSD: Float[Array, "B S D"] | None = None,
+  causal: bool,
+  implementation: str | None = None,
+  mask=None,
+  positions_BT: Int[Array, "B T"] | None = None,
+  rope=None,
+  layer_index: int = 1,
+  return_aux: bool = False,
+):
+  """Grouped differential attention (Grouped Differential Attention); see the module
+  docstring. Params (``init_grouped_diff_attn``): ``w_q_s``/``w_k_s [D, N, h]``,
+  ``w_q_n``/``w_k_n [D, Nn, h]``, ``w_v [D, N, 2h]``, ``w_o [N, 2h, D]``, the λ vectors and
+  ``norm`` as ``diff_attn``. Other arguments as ``diff_attn``."""
+  D, _, _, _ = grouped_dims(params)
+  call = heads_lib._check_call(D, x_BTD, context_BSD, causal, mask, positions_BT, rope)
+  dtype = x_BTD.dtype
+
+  def proj(name, src, pos):
+    out = jnp.einsum("BLD,DNh->BLNh", src, params[name].astype(dtype))
+    return heads_lib._rotate(out, pos, call.rope)
+
+  qs, qn = (proj(n, x_BTD, call.q_pos_BT) for n in ("w_q_s", "w_q_n"))
+  ks, kn = (proj(n, call.src_BSD, call.kv_pos_BS) for n in ("w_k_s", "w_k_n"))
+  v = jnp.einsum("BSD,DNV->BSNV", call.src_BSD, params["w_v"].astype(dtype))
+  lam = diff_lambda(params, layer_index)
+  o = grouped_differential_heads(
+    qs, ks, qn, kn, v, lam, mask=call.mask, implementation=implementation
+  )
+  o = _rms_norm(o, params["norm"]) * jnp.asarray(1 - lambda_init(layer_index), o.dtype)
+  y = heads_lib.output_projection(params, o)
+  return heads_lib._finish(y, {"lambda": lam}, return_aux)
+
+
+def default_ratio(num_heads: int) -> int:
+  """4:1 when 4 divides N, else 3:1, 2:1, 1:1 (the paper found 3:1–4:1 best)."""
+  return next(r for r in (4, 3, 2, 1) if num_heads % r == 0)
+
+
+def grouped_param_specs(
+  *,
+  d_model: int,
+  num_heads: int,
+  head_dim: int | None = None,
+  gdiff_ratio: int | None = None,
+) -> dict:
+  """Specs of ``grouped_diff_attn``: N = ``num_heads`` signal heads, Nn = N / r noise heads
+  (r = ``gdiff_ratio``, default ``default_ratio(N)``), h as ``param_specs``."""
+  base = param_specs(d_model=d_model, num_heads=num_heads, head_dim=head_dim)
+  (D, N, _, h) = base["w_q"][0]
+  r = heads_lib._opt("gdiff_ratio", gdiff_ratio, default_ratio(N))
+  if N % r:
+    raise ValueError(f"gdiff_ratio={r} must divide num_heads={N}")
+  fan_in = heads_lib._fan_in(D)
+  specs = {
+    "w_q_s": ((D, N, h), fan_in, ("embed", "heads", None)),
+    "w_k_s": ((D, N, h), fan_in, ("embed", "heads", None)),
+    "w_q_n": ((D, N // r, h), fan_in, ("embed", None, None)),
+    "w_k_n": ((D, N // r, h), fan_in, ("embed", None, None)),
+  }
+  specs["w_v"] = ((D, N, 2 * h), fan_in, ("embed", "heads", None))
+  for name in ("w_o",) + _NAMES[4:]:
+    specs[name] = base[name]
+  return specs
+
+
 def param_specs(
   *,
   d_model: int,
@@ -203,26 +353,48 @@ def _specs_for_init(*, layer_index=None, **kwargs):
 init_diff_attn = heads_lib.make_init("diff_attn", ("layer_index",), _specs_for_init)
 
 
+def _grouped_specs_for_init(*, layer_index=None, num_kv_heads=None, **kwargs):
+  del layer_index  # a call option
+  if num_kv_heads not in (None, -1):
+    raise ValueError(
+      "grouped_diff_attn takes gdiff_ratio (signal:noise heads), not num_kv_heads; got "
+      f"num_kv_heads={num_kv_heads}"
+    )
+  return grouped_param_specs(**kwargs)
+
+
+init_grouped_diff_attn = heads_lib.make_init(
+  "grouped_diff_attn", ("layer_index", "gdiff_ratio"), _grouped_specs_for_init
+)
+
+
 def _build(key, dims, causal):
   del key, dims, causal
   return {"layer_index": 3}
 
 
-registry.register(
-  registry.Mechanism(
-    id="diff_attn",
-    family="e",
-    paper=PAPER,
-    entry_point="attn_jax.attention.differential:diff_attn",
-    implementations=registry.KERNEL_IMPLEMENTATIONS,
-    patterns=registry.ALL_PATTERNS,
-    decode=False,
-    tier=1,
-    check="λ = 0 without the normalisation equals standard attention on the first half. The "
-    "one-call form equals the materialised difference of maps.",
-    build=_build,
-    module="attn_jax.nn.differential:DiffAttention",
-    interface="layer",
-    init="attn_jax.attention.differential:init_diff_attn",
+CHECKS = {
+  "diff_attn": "λ = 0 without the normalisation equals standard attention on the first half. "
+  "The one-call form equals the materialised difference of maps.",
+  "grouped_diff_attn": "Ratio 1:1 equals `diff_attn`. Shared noise maps equal repeating the "
+  "noise heads. (Group-differentiated growth not built.)",
+}
+
+for _kind, _tier in (("diff_attn", 1), ("grouped_diff_attn", 2)):
+  registry.register(
+    registry.Mechanism(
+      id=_kind,
+      family="e",
+      paper=PAPER if _kind == "diff_attn" else "Grouped Differential Attention",
+      entry_point=f"attn_jax.attention.differential:{_kind}",
+      implementations=registry.KERNEL_IMPLEMENTATIONS,
+      patterns=registry.ALL_PATTERNS,
+      decode=False,
+      tier=_tier,
+      check=CHECKS[_kind],
+      build=_build,
+      module="attn_jax.nn.differential:DiffAttention",
+      interface="layer",
+      init=f"attn_jax.attention.differential:init_{_kind}",
+    )
   )
-)

@@ -1,6 +1,8 @@
-"""The differential attention layer of the stacks (registry id ``diff_attn``): owns the
-projections, the λ vectors and the per-head RMSNorm and calls
-``attn_jax.attention.differential.diff_attn``.
+"""The differential attention layer of the stacks (registry ids ``diff_attn``,
+``grouped_diff_attn``): owns the projections, the λ vectors and the per-head RMSNorm and
+calls ``attn_jax.attention.differential``. ``grouped_diff_attn`` reads the option
+``gdiff_ratio`` (signal heads per noise head; -1: 4, 3, 2 or 1, the largest dividing N) and
+takes no ``num_kv_heads``.
 
 ``head_dim`` is the full head width 2h of an N-head MHA it replaces (default D // N): each
 query/key half has h = head_dim // 2 and the value 2h, so the projections match the MHA's
@@ -13,7 +15,8 @@ from attn_jax.attention import differential as diff_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
-KINDS = ("diff_attn",)
+KINDS = ("diff_attn", "grouped_diff_attn")
+DEFAULT_OPTIONS = {**attention_lib.DEFAULT_OPTIONS, "gdiff_ratio": -1}
 POSITIONS = ("rope", "learned", "none")
 
 
@@ -21,7 +24,7 @@ class DiffAttention(projected.ProjectedAttention):
   """Differential attention; constructor arguments as ``attn_jax.nn.attention.Attention``
   plus ``layer_index``."""
 
-  DEFAULT_OPTIONS = attention_lib.DEFAULT_OPTIONS
+  DEFAULT_OPTIONS = DEFAULT_OPTIONS
   TAKES_LAYER_INDEX = True
 
   def __init__(
@@ -45,8 +48,8 @@ class DiffAttention(projected.ProjectedAttention):
   ):
     projected.check_kind("DiffAttention", kind, KINDS, positions, POSITIONS)
     if qk_norm:
-      raise ValueError("attention kind 'diff_attn' does not take qk_norm=True; use qk_norm=False")
-    projected.merge_options(kind, options, self.DEFAULT_OPTIONS)
+      raise ValueError(f"attention kind {kind!r} does not take qk_norm=True; use qk_norm=False")
+    options = projected.merge_options(kind, options, self.DEFAULT_OPTIONS)
     width = d_model // num_heads if head_dim is None else head_dim
     if v_head_dim not in (None, width):
       raise ValueError(
@@ -55,15 +58,30 @@ class DiffAttention(projected.ProjectedAttention):
     if width < 2 or width % 2:
       raise ValueError(f"diff_attn needs an even head width >= 2 (two halves); got {width}")
     diff_lib.lambda_init(layer_index)  # validates
-    specs = diff_lib.param_specs(
-      d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=width // 2
-    )
+    if kind == "diff_attn":
+      specs = diff_lib.param_specs(
+        d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=width // 2
+      )
+    else:  # the stack's num_kv_heads (= N by default) has no meaning here: ratio instead
+      if num_kv_heads not in (None, num_heads):
+        raise ValueError(
+          "grouped_diff_attn sets its noise heads with the option gdiff_ratio, not "
+          f"num_kv_heads; got num_kv_heads={num_kv_heads}"
+        )
+      specs = diff_lib.grouped_param_specs(
+        d_model=d_model,
+        num_heads=num_heads,
+        head_dim=width // 2,
+        gdiff_ratio=int(options["gdiff_ratio"]),
+      )
+    self.kind = kind
     self.causal, self.implementation, self.layer_index = causal, implementation, layer_index
     self._declare_params(rngs, specs)
     self.rope = projected.rope_settings(positions, rope_base, rotary_dim, width // 2)
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
-    return diff_lib.diff_attn(
+    fn = diff_lib.diff_attn if self.kind == "diff_attn" else diff_lib.grouped_diff_attn
+    return fn(
       self.param_tree(),
       x_BTD,
       causal=self.causal,
