@@ -57,6 +57,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.qada",
   "attn_jax.attention.differential",
   "attn_jax.attention.positional",
+  "attn_jax.attention.entmax",
 )
 
 
