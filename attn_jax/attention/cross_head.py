@@ -852,11 +852,6 @@ def chai_cluster_heads(probs_BNTS, num_clusters: int, *, iterations: int = 20) -
 # ---------------------------------------------------------------------------------------
 
 
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
-
-
 CHECKS = {
   "talking_heads": "Identity W_pre and W_post equal MHA. A permutation matrix as W_post only "
   "changes which probability map each value head reads.",
@@ -885,7 +880,7 @@ for _kind in KINDS:
       decode=False,
       tier=TIERS[_kind],
       check=CHECKS[_kind],
-      build=_build,
+      build=registry.build_nothing,
       module="attn_jax.nn.cross_head:CrossHeadAttention",
       interface="layer",
       init=f"attn_jax.attention.cross_head:init_{_kind}",

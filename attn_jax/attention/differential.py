@@ -345,16 +345,10 @@ def param_specs(
   }
 
 
-def _specs_for_init(*, layer_index=None, **kwargs):
-  del layer_index  # a call option, accepted so a config's options serve both
-  return param_specs(**kwargs)
+init_diff_attn = heads_lib.make_init("diff_attn", ("layer_index",), param_specs, ("layer_index",))
 
 
-init_diff_attn = heads_lib.make_init("diff_attn", ("layer_index",), _specs_for_init)
-
-
-def _grouped_specs_for_init(*, layer_index=None, num_kv_heads=None, **kwargs):
-  del layer_index  # a call option
+def _grouped_specs(*, num_kv_heads=None, **kwargs):
   if num_kv_heads not in (None, -1):
     raise ValueError(
       "grouped_diff_attn takes gdiff_ratio (signal:noise heads), not num_kv_heads; got "
@@ -364,7 +358,7 @@ def _grouped_specs_for_init(*, layer_index=None, num_kv_heads=None, **kwargs):
 
 
 init_grouped_diff_attn = heads_lib.make_init(
-  "grouped_diff_attn", ("layer_index", "gdiff_ratio"), _grouped_specs_for_init
+  "grouped_diff_attn", ("layer_index", "gdiff_ratio"), _grouped_specs, ("layer_index",)
 )
 
 

@@ -240,11 +240,6 @@ def param_specs(
 init_entmax = heads_lib.make_init("entmax", ("v_head_dim",), param_specs)
 
 
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
-
-
 registry.register(
   registry.Mechanism(
     id="entmax",
@@ -258,7 +253,7 @@ registry.register(
     check="α → 1 matches softmax, and α = 2 matches sparsemax's sort-based closed form. Exact "
     "zeros appear. The custom gradient equals finite differences. (Materialised rows only: no "
     "blocked form built.)",
-    build=_build,
+    build=registry.build_nothing,
     module="attn_jax.nn.entmax:EntmaxAttention",
     interface="layer",
     init="attn_jax.attention.entmax:init_entmax",

@@ -41,6 +41,7 @@ The projections are those of ``attn_jax.attention.heads`` (``w_q [D, E|N, H]``, 
 H]``, ``w_v [D, K, Hv]``, ``w_o [E|N, Hv, D]``; MoA has K = 1) plus ``w_gate [D, E|N]``.
 """
 
+import functools
 import typing
 
 import jax
@@ -278,21 +279,12 @@ def param_specs(
   return specs
 
 
-def _specs_fn(kind: str):
-  def specs(*, moa_top_k=None, **kwargs):
-    del moa_top_k  # a call option, accepted so a config's options serve both
-    return param_specs(kind, **kwargs)
-
-  return specs
-
-
-init_moa = heads_lib.make_init("moa", ("v_head_dim", "moa_top_k"), _specs_fn("moa"))
-init_mae_h1 = heads_lib.make_init("mae_h1", ("v_head_dim",), _specs_fn("mae_h1"))
-
-
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
+init_moa = heads_lib.make_init(
+  "moa", ("v_head_dim", "moa_top_k"), functools.partial(param_specs, "moa"), ("moa_top_k",)
+)
+init_mae_h1 = heads_lib.make_init(
+  "mae_h1", ("v_head_dim",), functools.partial(param_specs, "mae_h1")
+)
 
 
 CHECKS = {
@@ -314,7 +306,7 @@ for _kind in PAPERS:
       decode=False,
       tier=2,
       check=CHECKS[_kind],
-      build=_build,
+      build=registry.build_nothing,
       module=f"attn_jax.nn.head_routing:{'MoAAttention' if _kind == 'moa' else 'MAEAttention'}",
       interface="layer",
       init=f"attn_jax.attention.head_routing:init_{_kind}",

@@ -916,10 +916,12 @@ def param_specs(
   return specs
 
 
-def make_init(kind: str, option_keys, specs_fn) -> typing.Callable:
+def make_init(kind: str, option_keys, specs_fn, call_options=()) -> typing.Callable:
   """``init_<kind>(key, *, d_model, num_heads, num_kv_heads, head_dim, dtype, **options)``
   of the layer interface: one draw per entry of ``specs_fn(d_model=..., ..., **options)``
-  (``{name: (shape, init, logical_axes)}``), refusing options outside ``option_keys``."""
+  (``{name: (shape, init, logical_axes)}``), refusing options outside ``option_keys``.
+  Options named in ``call_options`` are accepted and not passed on (they matter to the
+  layer call, not the shapes), so one config's options serve both."""
 
   def init(
     key,
@@ -934,6 +936,7 @@ def make_init(kind: str, option_keys, specs_fn) -> typing.Callable:
     unknown = set(options) - set(option_keys)
     if unknown:
       raise ValueError(f"unknown {kind} options {sorted(unknown)}; known: {tuple(option_keys)}")
+    options = {k: v for k, v in options.items() if k not in call_options}
     specs = specs_fn(
       d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **options
     )
@@ -969,11 +972,6 @@ init_sigma_diffqkv = _init("sigma_diffqkv")
 # ---------------------------------------------------------------------------------------
 
 
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
-
-
 CHECKS = {
   "mqa": "Equals an MHA whose N key/value heads are copies of one head. A decode step equals "
   "the last row of full attention.",
@@ -1006,7 +1004,7 @@ for _kind in KINDS:
       decode=_kind in STATIC_KINDS,
       tier=TIERS[_kind],
       check=CHECKS[_kind],
-      build=_build,
+      build=registry.build_nothing,
       module="attn_jax.nn.heads:HeadStructureAttention",
       interface="layer",
       init=f"attn_jax.attention.heads:init_{_kind}",

@@ -674,11 +674,6 @@ def decode_roofline(
 # ---------------------------------------------------------------------------------------
 
 
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
-
-
 registry.register(
   registry.Mechanism(
     id="mla",
@@ -691,7 +686,7 @@ registry.register(
     tier=1,
     check="The cache holds d_c + d_R numbers per token. Without RoPE, with d_c = D, "
     "W_DKV = I, W_UK,n = W_K,n and W_UV,n = W_V,n, it reproduces an MHA exactly.",
-    build=_build,
+    build=registry.build_nothing,
     module="attn_jax.nn.mla:MLAAttention",
     interface="layer",
     init="attn_jax.attention.mla:init_mla",
@@ -710,7 +705,7 @@ registry.register(
     check="Absorbed decode equals the expanded per-head K/V path to fp32 tolerance. "
     "`roofline` reproduces the abstract's claim that MLA's arithmetic intensity is more "
     "than two orders of magnitude above MHA's.",
-    build=_build,
+    build=registry.build_nothing,
     module="attn_jax.nn.mla:MLAAttention",
     interface="layer",
     init="attn_jax.attention.mla:init_mla_absorbed",

@@ -195,19 +195,9 @@ def param_specs(
   return specs
 
 
-def _specs_for_init(*, moh_top_k=None, **kwargs):
-  del moh_top_k  # a call option, accepted so a config's options serve both
-  return param_specs(**kwargs)
-
-
 init_moh = heads_lib.make_init(
-  "moh", ("v_head_dim", "moh_shared_heads", "moh_top_k"), _specs_for_init
+  "moh", ("v_head_dim", "moh_shared_heads", "moh_top_k"), param_specs, ("moh_top_k",)
 )
-
-
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
 
 
 registry.register(
@@ -223,7 +213,7 @@ registry.register(
     check="Gates forced to 1 equal MHA. A head whose gates are zero for a whole query block "
     "contributes nothing (its values can change without changing the output). (Tile skipping "
     "inside the kernels not built: every head is computed.)",
-    build=_build,
+    build=registry.build_nothing,
     module="attn_jax.nn.moh:MoHAttention",
     interface="layer",
     init="attn_jax.attention.moh:init_moh",

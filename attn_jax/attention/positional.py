@@ -173,19 +173,12 @@ def param_specs(
   return specs
 
 
-def _specs_for_init(*, positional_encoding=None, **kwargs):
-  del positional_encoding  # a call option, accepted so a config's options serve both
-  return param_specs(**kwargs)
-
-
 init_positional_attn = heads_lib.make_init(
-  "positional_attn", ("v_head_dim", "positional_dim", "positional_encoding"), _specs_for_init
+  "positional_attn",
+  ("v_head_dim", "positional_dim", "positional_encoding"),
+  param_specs,
+  ("positional_encoding",),
 )
-
-
-def _build(key, dims, causal):
-  del key, dims, causal
-  return {}
 
 
 registry.register(
@@ -200,7 +193,7 @@ registry.register(
     tier=1,
     check="A is unchanged when the input values change. It equals MHA with the q/k inputs "
     "replaced by P.",
-    build=_build,
+    build=registry.build_nothing,
     module="attn_jax.nn.positional:PositionalAttention",
     interface="layer",
     init="attn_jax.attention.positional:init_positional_attn",

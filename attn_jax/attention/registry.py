@@ -312,6 +312,12 @@ def _and(a, b):
   return b if a is None else (a if b is None else a & b)
 
 
+def build_nothing(key, dims, causal):
+  """The ``build`` of entries whose calls need no arguments beyond the pattern's."""
+  del key, dims, causal
+  return {}
+
+
 def _build_plain(key, dims, causal):
   return {"mask": _causal_or_none(causal)}
 
