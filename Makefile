@@ -39,7 +39,7 @@ format: $(STAMP_TEST)
 
 test: lint
 	$(PY) -m attn_jax.registry --check-readme README.md
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=25
 
 test-slow: $(STAMP_TEST)
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
