@@ -672,6 +672,100 @@ class ChunkSelectionMask(Mask):
     return f"ChunkSelectionMask(selected{jnp.shape(self.selected)}, chunk={self.chunk})"
 
 
+@jax.tree_util.register_pytree_node_class
+class GroupMask(Mask):
+  """Token groups with a group-to-group visibility table: visible iff
+  ``table[q_groups[b, i], kv_groups[b, j]]``.
+
+  ``q_groups [B, T]``, ``kv_groups [B, S]`` (default: q_groups) are int ids in [0, G) and
+  ``table`` a bool ``[G, G]`` (row: the query's group). Combine with the other masks:
+  ``CausalMask() & GroupMask(...)`` isolates groups causally (condition branches, subjects,
+  response candidates); ``CausalMask() | GroupMask(...)`` grants extra visibility, e.g. image
+  tokens seeing the later text prompt (modality-mutual attention). Tile kinds are exact:
+  a tile is non-empty when some group present in its rows may see some group present in its
+  columns, full when every such pair may.
+  """
+
+  batched = True
+
+  def __init__(self, q_groups, kv_groups=None, *, table):
+    if kv_groups is None:
+      kv_groups = q_groups
+    _int_array("q_groups", q_groups, 2, "[B, T]")
+    _int_array("kv_groups", kv_groups, 2, "[B, S]")
+    if jnp.shape(q_groups)[0] != jnp.shape(kv_groups)[0]:
+      raise ValueError(
+        f"q_groups {jnp.shape(q_groups)} and kv_groups {jnp.shape(kv_groups)} must have the "
+        "same batch size"
+      )
+    shape = jnp.shape(table)
+    if len(shape) != 2 or shape[0] != shape[1] or getattr(table, "dtype", None) != jnp.bool_:
+      raise ValueError(
+        f"GroupMask table must be a bool array of shape [G, G]; got shape {shape}, dtype "
+        f"{getattr(table, 'dtype', type(table).__name__)}"
+      )
+    for name, ids in (("q_groups", q_groups), ("kv_groups", kv_groups)):
+      if not isinstance(ids, jax.core.Tracer):
+        ids_np = np.asarray(ids)
+        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= shape[0]):
+          raise ValueError(
+            f"GroupMask {name} must lie in [0, {shape[0]}) (the table's groups); got ids in "
+            f"[{ids_np.min()}, {ids_np.max()}]"
+          )
+    self.q_groups, self.kv_groups, self.table = q_groups, kv_groups, table
+
+  def _batch_size(self):
+    return jnp.shape(self.q_groups)[0]
+
+  def check_shapes(self, batch, q_len, kv_len):
+    want_q, want_k = (batch, q_len), (batch, kv_len)
+    got_q, got_k = tuple(jnp.shape(self.q_groups)), tuple(jnp.shape(self.kv_groups))
+    if got_q != want_q or got_k != want_k:
+      raise ValueError(
+        f"GroupMask groups have shapes q {got_q}, kv {got_k}; need {list(want_q)} and "
+        f"{list(want_k)}"
+      )
+
+  def _visible(self, q_idx, kv_idx, q_offset, b):
+    qg = jnp.take(_take_batch(jnp.asarray(self.q_groups), b), q_idx, axis=-1, mode="clip")
+    kg = jnp.take(_take_batch(jnp.asarray(self.kv_groups), b), kv_idx, axis=-1, mode="clip")
+    return jnp.asarray(self.table)[qg, kg]  # [(B,) tq, tk]
+
+  def _presence(self, ids, lo, hi):
+    """Bool [B, nBlocks, G]: the groups present in each block of ``ids [B, L]``."""
+    B, L = jnp.shape(ids)
+    G = jnp.shape(self.table)[0]
+    n = lo.shape[0]
+    block = int(hi[0]) - int(lo[0]) + 1 if n > 1 else L
+    onehot = jax.nn.one_hot(jnp.asarray(ids), G, dtype=jnp.int32)
+    onehot = jnp.pad(onehot, ((0, 0), (0, n * block - L), (0, 0)))
+    return onehot.reshape(B, n, block, G).max(2) > 0
+
+  def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
+    pres_q = self._presence(self.q_groups, np.asarray(q_lo)[:, 0], np.asarray(q_hi)[:, 0])
+    pres_k = self._presence(self.kv_groups, np.asarray(kv_lo)[0], np.asarray(kv_hi)[0])
+    table = jnp.asarray(self.table).astype(jnp.int32)
+    pq, pk = pres_q.astype(jnp.int32), pres_k.astype(jnp.int32)
+    any_ = jnp.einsum("bqg,gh,bkh->bqk", pq, table, pk) > 0
+    missing = jnp.einsum("bqg,gh,bkh->bqk", pq, 1 - table, pk) > 0
+    return any_, ~missing
+
+  def tree_flatten(self):
+    return (self.q_groups, self.kv_groups, self.table), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    obj.q_groups, obj.kv_groups, obj.table = children
+    return obj
+
+  def __repr__(self):
+    return (
+      f"GroupMask(q_groups{jnp.shape(self.q_groups)}, kv_groups{jnp.shape(self.kv_groups)}, "
+      f"table{jnp.shape(self.table)})"
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Combinations.
 # ---------------------------------------------------------------------------------------

@@ -438,6 +438,35 @@ _softmax_entry(
   False,
   "a packed batch equals each document run alone; padding-id rows return zeros",
 )
+
+
+def _build_group(key, dims, causal):
+  kq, kk, kt = jax.random.split(key, 3)
+  q_groups = jax.random.randint(kq, (dims.B, dims.T), 0, 3)
+  kv_groups = q_groups if dims.S == dims.T else jax.random.randint(kk, (dims.B, dims.S), 0, 3)
+  table = jax.random.bernoulli(kt, 0.5, (3, 3)) | jnp.eye(3, dtype=bool)
+  group = masks_lib.GroupMask(q_groups, kv_groups, table=table)
+  return {"mask": _and(group, _causal_or_none(causal))}
+
+
+_softmax_entry(
+  "group_mask",
+  "Seeing is Understanding: Unlocking Causal Attention into Modality-Mutual Attention for "
+  "Multimodal LLMs; Uni-Encoder: A Fast and Accurate Response Selection Paradigm for "
+  "Generation-Based Dialogue Systems; UniCombine: Unified Multi-Conditional Combination with "
+  "Diffusion Transformer; Improving Multi-Subject Consistency in Open-Domain Image Generation "
+  "with Isolation and Reposition Attention; Lightning Fast Caching-based Parallel Denoising "
+  "Prediction for Accelerating Talking Head Generation",
+  _build_group,
+  ALL_PATTERNS,
+  False,
+  "An all-true table plus causal equals `causal`. Under the modality-mutual rule, text-token "
+  "rows are unchanged and no token sees an answer token placed after it. (GroupMask is not "
+  "lowered for the Pallas kernels; no NNX module: the stacks carry no per-token group ids.)",
+  tier=2,
+  module=None,
+  kernels=False,
+)
 _softmax_entry(
   "prefix_lm",
   "Prefix-LM mask (baseline)",
