@@ -58,6 +58,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.differential",
   "attn_jax.attention.positional",
   "attn_jax.attention.entmax",
+  "attn_jax.attention.mgk",
 )
 
 
