@@ -59,6 +59,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.positional",
   "attn_jax.attention.entmax",
   "attn_jax.attention.mgk",
+  "attn_jax.attention.tab",
 )
 
 
