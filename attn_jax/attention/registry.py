@@ -60,6 +60,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.entmax",
   "attn_jax.attention.mgk",
   "attn_jax.attention.tab",
+  "attn_jax.attention.relational",
 )
 
 
