@@ -47,6 +47,7 @@ def dot_product_attention(
   return_lse: bool = False,
   block_q: int | None = None,
   block_kv: int | None = None,
+  signed: bool = False,
 ):
   """Softmax attention ``softmax(softcap(scale·q·kᵀ) + bias, masked) · v``.
 
@@ -69,6 +70,8 @@ def dot_product_attention(
       ``default_implementation``). An explicit name is never replaced.
     return_lse: also return the per-row log-sum-exp ``[B, N, T]`` (float32).
     block_q, block_kv: tile sizes for the blocked paths (defaults tuned per backend).
+    signed: signed weights ``sign(s)·exp(|s|) / Σ_j exp(|s|)`` instead of softmax (cog
+      attention: the running max and sum are over |s|); "reference" and "xla" only.
 
   Returns:
     ``[B, T, N, Hv]`` in q's dtype, and the lse when ``return_lse``. Fully masked rows
@@ -80,6 +83,8 @@ def dot_product_attention(
   _checks.check_options(dims, mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks)
   if implementation is None:
     implementation = default_implementation(jax.default_backend(), mask=mask, bias=bias)
+    if signed is True and implementation in _PALLAS:
+      implementation = "xla"  # the kernels take no signed weights
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
       f"implementation must be one of {IMPLEMENTATIONS} or None; got {implementation!r}"
@@ -87,6 +92,15 @@ def dot_product_attention(
   options = dict(
     mask=mask, bias=bias, scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse
   )
+  if not isinstance(signed, bool):
+    raise ValueError(f"signed must be a bool; got {signed!r}")
+  if signed:
+    if implementation in _PALLAS:
+      raise NotImplementedError(
+        f"signed attention weights are not built in the Pallas kernels ({implementation!r}); "
+        "use 'xla' or 'reference'"
+      )
+    options["signed"] = True
   if implementation in _PALLAS:
     return pallas_lib.pallas_attention(
       q, k, v, implementation=implementation, block_q=block_q, block_kv=block_kv, **options

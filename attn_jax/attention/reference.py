@@ -33,6 +33,7 @@ def attention_reference(
   sinks: Float[Array, " N"] | None = None,
   return_lse: bool = False,
   return_probs: bool = False,
+  signed: bool = False,
 ):
   """Naive softmax attention.
 
@@ -45,6 +46,8 @@ def attention_reference(
     sinks: per-head sink logits ``[N]``, or None.
     return_lse: also return the per-row log-sum-exp ``[B, N, T]`` (float32/float64).
     return_probs: also return the probabilities ``[B, N, T, S]``.
+    signed: signed weights ``sign(s)·exp(|s|) / Σ exp(|s|)`` ("More Expressive Attention
+      with Negative Weights"); the lse is then over |s|.
 
   Returns:
     out ``[B, T, N, Hv]`` in q's dtype, followed by lse and/or probs when asked.
@@ -72,6 +75,10 @@ def attention_reference(
     visible_BNTS = visible[:, None] if visible.ndim == 3 else visible[None, None]
     logits_BNTS = jnp.where(visible_BNTS, logits_BNTS, -jnp.inf)
 
+  sign_BNTS = None
+  if signed:
+    sign_BNTS = jnp.sign(logits_BNTS)
+    logits_BNTS = jnp.where(logits_BNTS == -jnp.inf, -jnp.inf, jnp.abs(logits_BNTS))
   # The row max only stabilises exp; softmax does not depend on it, so no gradient.
   row_max_BNT = jnp.max(logits_BNTS, axis=-1)
   if sinks is not None:
@@ -85,6 +92,8 @@ def attention_reference(
   empty_BNT = denom_BNT == 0
   safe_denom_BNT = jnp.where(empty_BNT, 1.0, denom_BNT)
   probs_BNTS = exp_BNTS / safe_denom_BNT[..., None]
+  if signed:
+    probs_BNTS = jnp.where(sign_BNTS == 0, 0.0, sign_BNTS) * probs_BNTS
   out_BTNV = jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV).astype(q.dtype)
 
   extras = []

@@ -443,6 +443,29 @@ _softmax_entry(
 )
 
 
+def _build_signed(key, dims, causal):
+  return {"mask": _causal_or_none(causal), "signed": True}
+
+
+register(
+  Mechanism(
+    id="cog_attn",
+    family="e",
+    paper="More Expressive Attention with Negative Weights",
+    entry_point=_DOT_PRODUCT,
+    implementations=SOFTMAX_IMPLEMENTATIONS,
+    patterns=ALL_PATTERNS,
+    decode=True,
+    tier=2,
+    check="If all logits are >= 0, it equals softmax. In every row, Σ_j |p_ij| = 1. (The "
+    "blocked xla path takes the running max and sum over |s|; not built in the Pallas "
+    "kernels.)",
+    build=_build_signed,
+    module=NN_ATTENTION,
+  )
+)
+
+
 def _build_group(key, dims, causal):
   kq, kk, kt = jax.random.split(key, 3)
   q_groups = jax.random.randint(kq, (dims.B, dims.T), 0, 3)

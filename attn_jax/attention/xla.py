@@ -62,6 +62,7 @@ class _Config(NamedTuple):
   has_sinks: bool
   masked: bool  # a mask (beyond the padding of the last kv block) is present
   lists_batched: bool
+  signed: bool = False  # signed weights sign(s)·exp(|s|)/Σexp(|s|) (cog attention)
 
 
 def blocked_attention(
@@ -77,10 +78,12 @@ def blocked_attention(
   return_lse: bool = False,
   block_q: int = DEFAULT_BLOCK_Q,
   block_kv: int = DEFAULT_BLOCK_KV,
+  signed: bool = False,
 ):
   """Blocked softmax attention with block skipping and a recomputing backward.
 
-  Args: as ``reference.attention_reference`` (no ``return_probs``), plus
+  Args: as ``reference.attention_reference`` (no ``return_probs``; ``signed`` as there:
+    running max and sum over |s|, numerators times sign(s)), plus
     block_q, block_kv: tile sizes (clipped to T and S).
 
   Returns:
@@ -143,6 +146,7 @@ def blocked_attention(
     has_sinks=sinks is not None,
     masked=masked,
     lists_batched=lists[0].ndim == 2,
+    signed=bool(signed),
   )
   out_BKGTV, lse_BKGT = _flash(
     cfg, q_BKGTH, k_BKSH, v_BKSV, dense_bias, bias_fn, sinks_KG, mask, lists
@@ -264,11 +268,14 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
     def kv_step(j, carry):
       m_Gq, l_Gq, acc_GqV = carry
       _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, j, transposed=False)
-      m_new_Gq = jnp.maximum(m_Gq, s_Gqk.max(-1))
+      e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk  # what the exponentials see
+      m_new_Gq = jnp.maximum(m_Gq, e_Gqk.max(-1))
       m_safe_Gq = jnp.where(m_new_Gq == -jnp.inf, 0.0, m_new_Gq)
-      p_Gqk = jnp.exp(s_Gqk - m_safe_Gq[..., None])  # [G, bq, bk]
+      p_Gqk = jnp.exp(e_Gqk - m_safe_Gq[..., None])  # [G, bq, bk]
       correction_Gq = jnp.exp(m_Gq - m_safe_Gq)
       l_Gq = correction_Gq * l_Gq + p_Gqk.sum(-1)
+      if cfg.signed:
+        p_Gqk = jnp.sign(s_Gqk) * p_Gqk
       acc_GqV = correction_Gq[..., None] * acc_GqV + _rows_matmul(p_Gqk, v_kV)
       return m_new_Gq, l_Gq, acc_GqV
 
@@ -335,10 +342,17 @@ def _backward_one(
       dqT_HGq, dk_SH, dv_SV, dbias, dfn = inner
       kb = index_QM[qi, j]
       k_kH, v_kV, kv_idx, raw_kGq, s_kGq = _load_tile(cfg, tile, qi, j, transposed=True)
-      p_kR = jnp.exp(s_kGq - lse_Gq[None]).reshape(bk, R)  # [bk, G*bq]
-      dv_kV = p_kR @ do_RV
-      dp_kR = v_kV @ do_RV.T
-      ds_kR = p_kR * (dp_kR - delta_R[None])  # d loss / d (logit after bias)
+      if cfg.signed:  # a = exp(|s| - lse), p = sign(s)·a: ds = a·(dp − sign(s)·delta)
+        a_kR = jnp.exp(_magnitude(s_kGq) - lse_Gq[None]).reshape(bk, R)
+        sign_kR = jnp.sign(s_kGq).reshape(bk, R)
+        dv_kV = (sign_kR * a_kR) @ do_RV
+        dp_kR = v_kV @ do_RV.T
+        ds_kR = a_kR * (dp_kR - sign_kR * delta_R[None])
+      else:
+        p_kR = jnp.exp(s_kGq - lse_Gq[None]).reshape(bk, R)  # [bk, G*bq]
+        dv_kV = p_kR @ do_RV
+        dp_kR = v_kV @ do_RV.T
+        ds_kR = p_kR * (dp_kR - delta_R[None])  # d loss / d (logit after bias)
       if dbias is not None or dfn is not None:
         ds_Gqk = ds_kR.reshape(bk, G, bq).transpose(1, 2, 0)
         if dbias is not None:
@@ -367,6 +381,11 @@ def _backward_one(
   )
   dq_GTH = dq_QGqH.transpose(1, 0, 2, 3).reshape(G, Tp, H)
   return dq_GTH, dk_SH, dv_SV, dbias, dfn
+
+
+def _magnitude(s):
+  """|s| with masked (-inf) logits kept at -inf."""
+  return jnp.where(s == -jnp.inf, -jnp.inf, jnp.abs(s))
 
 
 def _add_block(x, update, start):

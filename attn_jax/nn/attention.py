@@ -39,6 +39,7 @@ KINDS = (
   "rope",
   "longheads",
   "qada",
+  "cog_attn",
 )
 CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada")
 DEFAULT_OPTIONS = {
@@ -180,6 +181,8 @@ class Attention(nnx.Module):
       kwargs["softcap"] = float(self.options["softcap"])
     if self.kind == "sinks":
       kwargs["sinks"] = self.sinks[...]
+    if self.kind == "cog_attn":  # signed weights sign(s)·exp(|s|)/Σ exp(|s|)
+      kwargs["signed"] = True
     if (
       self.kind == "longheads"
     ):  # training-free chunk selection; options "chunk", "longheads_top_k"
@@ -223,6 +226,8 @@ class Attention(nnx.Module):
     impl = self.implementation or api.default_implementation(
       mask=kwargs.get("mask"), bias=kwargs.get("bias")
     )
+    if kwargs.get("signed") and self.implementation is None and impl.startswith("pallas"):
+      impl = "xla"  # the kernels take no signed weights
     active = sharding.current()
     if active is None or not impl.startswith("pallas"):
       return api.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, implementation=impl, **kwargs)
