@@ -61,6 +61,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.mgk",
   "attn_jax.attention.tab",
   "attn_jax.attention.relational",
+  "attn_jax.attention.coca",
 )
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
+from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
@@ -40,6 +41,7 @@ KINDS = (
   "longheads",
   "qada",
   "cog_attn",
+  "coca",
 )
 CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada")
 DEFAULT_OPTIONS = {
@@ -165,7 +167,12 @@ class Attention(nnx.Module):
     v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv[...].astype(dtype))
     if self.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-    if self.rope:
+    if self.kind == "coca":  # collinear keys at rotary angles (replaces RoPE)
+      pos = jnp.broadcast_to(
+        jnp.arange(x_BTD.shape[1]) if positions_BT is None else positions_BT, x_BTD.shape[:2]
+      )
+      q_BTNH, k_BTKH = coca_lib.coca_qk(q_BTNH, k_BTKH, pos, pos, base=self.rope_base)
+    elif self.rope:
       if positions_BT is None:
         positions_BT = jnp.arange(x_BTD.shape[1])
       rope = {"base": self.rope_base, "rotary_dim": self.rotary_dim}
