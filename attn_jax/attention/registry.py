@@ -62,6 +62,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.tab",
   "attn_jax.attention.relational",
   "attn_jax.attention.coca",
+  "attn_jax.attention.temperature",
 )
 
 
