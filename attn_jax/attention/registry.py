@@ -63,6 +63,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.relational",
   "attn_jax.attention.coca",
   "attn_jax.attention.temperature",
+  "attn_jax.attention.rel_skew",
 )
 
 
