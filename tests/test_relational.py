@@ -50,9 +50,7 @@ def oracle(params, x, context=None, *, causal, ids=None):
     a = softmax_rows(np.einsum("bth,bsh->bts", q, k) / np.sqrt(H), ok)
     heads.append(np.einsum("bts,bsv->btv", a, v))
   P = p["symbols"].shape[0]
-  sym = np.stack(
-    [p["symbols"][j] if j < P else np.zeros(p["symbols"].shape[1]) for j in range(S)]
-  )
+  sym = np.stack([p["symbols"][j] if j < P else np.zeros(p["symbols"].shape[1]) for j in range(S)])
   for n in range(p["w_qa"].shape[1]):  # relational, materialised r(i, j)
     qa = np.einsum("btd,dh->bth", x, p["w_qa"][:, n])
     ka = np.einsum("bsd,dh->bsh", src, p["w_ka"][:, n])
