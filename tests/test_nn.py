@@ -15,7 +15,9 @@ from attn_jax.models import decoder_lm, encoder
 from attn_jax.nn import Attention, Transformer
 from attn_jax.nn.transformer import layer_kinds
 
-STACK_IDS = sorted(m.id for m in registry.all_mechanisms() if m.module is not None)
+STACK_IDS = sorted(
+  m.id for m in registry.all_mechanisms() if m.module is not None and m.interface != "pool"
+)
 CAUSAL_STACK_IDS = [i for i in STACK_IDS if registry.get(i).causal]
 
 

@@ -128,7 +128,7 @@ def test_layer_interface_conformance(rng, mech_id):
 
 def test_interfaces_do_not_mix(rng):
   q, k, v = qkv(rng)
-  with pytest.raises(ValueError, match="takes q/k/v: use run"):
+  with pytest.raises(ValueError, match="has the .qkv. interface: use run"):
     registry.run_layer("mha", {}, q[..., 0, :], causal=True)
 
 

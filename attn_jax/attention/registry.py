@@ -8,7 +8,7 @@ Each entry declares which of the four self/cross x causal/non-causal patterns it
 raises instead of silently computing something else. ``build`` makes the entry's options
 (masks, biases, sinks, ...) for a call of given sizes, deterministically from a PRNG key.
 
-Two interfaces:
+Three interfaces:
   * ``"qkv"`` (family (a) and every score-level mechanism): ``entry(q, k, v, *,
     implementation, **build(key, Dims, causal))``, run with ``run``.
   * ``"layer"`` (mechanisms that own their projections: head structure, head mixing,
@@ -16,6 +16,10 @@ Two interfaces:
     implementation=None, **build(key, LayerDims, causal)) -> y_BTD`` with parameters from
     ``init(key, *, d_model, num_heads, **options)``; run with ``init_layer`` / ``run_layer``.
     Cross-attention passes ``context_BSD`` (keys and values from another sequence).
+  * ``"pool"`` (attention pooling heads, not token mixers: learned queries read a sequence):
+    ``entry(params, x_BSD, *, valid_BS=None, implementation=None) -> [B, F]`` with parameters
+    from ``init(key, *, d_model, **options)``; run with ``init_pool`` / ``run_pool``. The
+    stacks do not take them as attention kinds; models take them as a pooling choice.
 
 Entries outside this file register themselves when their module is imported; the modules
 listed in ``FAMILY_MODULES`` are imported on first use of the registry.
@@ -64,7 +68,9 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.coca",
   "attn_jax.attention.temperature",
   "attn_jax.attention.rel_skew",
+  "attn_jax.attention.probe",
 )
+INTERFACES = ("qkv", "layer", "pool")
 
 
 class LayerDims(NamedTuple):
@@ -97,8 +103,8 @@ class Mechanism:
     check: the catalog property the tests assert for this entry.
     build: ``build(key, dims, causal) -> kwargs`` for the entry point.
     module: dotted path of the Flax NNX module, or None until one exists.
-    interface: ``"qkv"`` or ``"layer"`` (see the module docstring).
-    init: ``"module:function"`` making the parameters of a layer-interface entry.
+    interface: ``"qkv"``, ``"layer"`` or ``"pool"`` (see the module docstring).
+    init: ``"module:function"`` making the parameters of a layer- or pool-interface entry.
   """
 
   id: str
@@ -153,10 +159,12 @@ _REGISTRY: dict[str, Mechanism] = {}
 
 
 def register(mechanism: Mechanism) -> Mechanism:
-  if mechanism.interface not in ("qkv", "layer"):
-    raise ValueError(f"{mechanism.id}: interface must be 'qkv' or 'layer'")
-  if mechanism.interface == "layer" and mechanism.init is None:
-    raise ValueError(f"{mechanism.id}: a layer-interface entry needs init='module:function'")
+  if mechanism.interface not in INTERFACES:
+    raise ValueError(f"{mechanism.id}: interface must be one of {INTERFACES}")
+  if mechanism.interface != "qkv" and mechanism.init is None:
+    raise ValueError(
+      f"{mechanism.id}: a {mechanism.interface}-interface entry needs init='module:function'"
+    )
   if mechanism.id in _REGISTRY:
     raise ValueError(f"mechanism id {mechanism.id!r} is already registered")
   bad = set(mechanism.patterns) - ALL_PATTERNS
@@ -240,8 +248,7 @@ def run(
     ValueError: the pattern is not declared by the entry, or S != T for self-attention.
   """
   mech = get(mechanism_id)
-  if mech.interface != "qkv":
-    raise ValueError(f"mechanism {mech.id!r} owns its projections: use init_layer / run_layer")
+  _check_interface(mech, "qkv")
   dims = _checks.check_qkv(q, k, v)
   if not cross and dims.S != dims.T:
     raise ValueError(
@@ -267,6 +274,7 @@ def _check_pattern(mech: Mechanism, *, causal: bool, cross: bool) -> None:
 def init_layer(mechanism_id: str, key, *, d_model: int, num_heads: int, **options):
   """Parameters of a layer-interface entry (a pytree of arrays)."""
   mech = get(mechanism_id)
+  _check_interface(mech, "layer")
   return mech.init_function()(key, d_model=d_model, num_heads=num_heads, **options)
 
 
@@ -283,8 +291,7 @@ def run_layer(
 ):
   """Runs a layer-interface entry on ``x [B, T, D]`` (cross-attention when ``context_BSD``)."""
   mech = get(mechanism_id)
-  if mech.interface != "layer":
-    raise ValueError(f"mechanism {mech.id!r} takes q/k/v: use run")
+  _check_interface(mech, "layer")
   if getattr(x_BTD, "ndim", None) != 3:
     raise ValueError(f"x must have shape [B, T, D]; got {getattr(x_BTD, 'shape', x_BTD)}")
   cross = context_BSD is not None
@@ -297,6 +304,31 @@ def run_layer(
   if cross:
     kwargs["context_BSD"] = context_BSD
   return mech.function()(params, x_BTD, causal=causal, implementation=implementation, **kwargs)
+
+
+def init_pool(mechanism_id: str, key, *, d_model: int, **options):
+  """Parameters of a pool-interface entry (a pytree of arrays)."""
+  mech = get(mechanism_id)
+  _check_interface(mech, "pool")
+  return mech.init_function()(key, d_model=d_model, **options)
+
+
+def run_pool(mechanism_id: str, params, x_BSD, *, valid_BS=None, implementation=None):
+  """Runs a pool-interface entry: ``x [B, S, D]`` (``valid_BS``: which tokens exist) to
+  ``[B, F]``."""
+  mech = get(mechanism_id)
+  _check_interface(mech, "pool")
+  return mech.function()(params, x_BSD, valid_BS=valid_BS, implementation=implementation)
+
+
+_USE = {"qkv": "run", "layer": "init_layer / run_layer", "pool": "init_pool / run_pool"}
+
+
+def _check_interface(mech: Mechanism, wanted: str) -> None:
+  if mech.interface != wanted:
+    raise ValueError(
+      f"mechanism {mech.id!r} has the {mech.interface!r} interface: use {_USE[mech.interface]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from flax import nnx
 from attn_jax import sharding
 from attn_jax.models.decoder_lm import DTYPES
 from attn_jax.nn import layers, transformer
+from attn_jax.nn import probe as probe_nn
 
 VARIANTS = {
   "tiny": dict(d_model=64, num_layers=2, num_heads=2, mlp_dim=256),
@@ -18,7 +19,7 @@ VARIANTS = {
   "base": dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072),
   "large": dict(d_model=1024, num_layers=24, num_heads=16, mlp_dim=4096),
 }
-POOLING = ("mean", "first", "last")
+POOLING = ("mean", "first", "last", "efficient_probe")
 
 
 class Encoder(nnx.Module):
@@ -26,7 +27,9 @@ class Encoder(nnx.Module):
 
   Args:
     num_outputs: C (classes, or 1 for scalar regression).
-    pooling: "mean" over valid tokens, "first" (a CLS position) or "last".
+    pooling: "mean" over valid tokens, "first" (a CLS position), "last", or
+      "efficient_probe" (multi-query attention pooling over valid tokens, registry id
+      ``efficient_probe``; ``probe_queries`` M and ``probe_dim`` Dv set its size).
     positions: "learned" (absolute, up to ``max_len``), "rope" or "none".
   """
 
@@ -40,6 +43,8 @@ class Encoder(nnx.Module):
     max_len: int = 1024,
     positions: str = "learned",
     pooling: str = "mean",
+    probe_queries: int = 32,
+    probe_dim: int | None = None,
     dtype: str = "float32",
     rngs: nnx.Rngs,
     **transformer_kwargs,
@@ -69,8 +74,20 @@ class Encoder(nnx.Module):
     self.stack = transformer.Transformer(
       d_model=d_model, causal=False, positions=positions, rngs=rngs, **transformer_kwargs
     )
+    self.probe = (
+      probe_nn.EfficientProbe(
+        d_model=d_model,
+        num_queries=probe_queries,
+        v_dim=probe_dim,
+        implementation=transformer_kwargs.get("implementation"),
+        rngs=rngs,
+      )
+      if pooling == "efficient_probe"
+      else None
+    )
+    pooled_dim = d_model if self.probe is None else self.probe.out_dim
     self.head = layers.param(
-      rngs, layers.fan_in_init(d_model), (d_model, num_outputs), ("embed", None)
+      rngs, layers.fan_in_init(pooled_dim), (pooled_dim, num_outputs), ("embed", None)
     )
 
   def __call__(self, inputs, *, segment_ids_BT=None, **kwargs):
@@ -89,6 +106,9 @@ class Encoder(nnx.Module):
       pooled_BD = h_BTD[:, 0]
     elif self.pooling == "last":
       pooled_BD = h_BTD[:, -1]
+    elif self.pooling == "efficient_probe":
+      valid_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+      pooled_BD = self.probe(h_BTD, valid_BS=valid_BT)
     else:
       valid_BT = jnp.ones(h_BTD.shape[:2]) if segment_ids_BT is None else segment_ids_BT > 0
       valid_BT = valid_BT.astype(h_BTD.dtype)

@@ -21,10 +21,17 @@ from attn_jax.nn import layers
 def attention_module_class(kind: str):
   """The NNX module class of registry id ``kind`` (ValueError if unknown or module-less)."""
   mech = registry.get(kind)
-  if mech.module is None:
-    usable = sorted(m.id for m in registry.all_mechanisms() if m.module is not None)
+  if mech.module is None or mech.interface == "pool":
+    usable = sorted(
+      m.id for m in registry.all_mechanisms() if m.module is not None and m.interface != "pool"
+    )
+    why = (
+      "is a pooling head, not a token mixer (an encoder takes it as model.pooling)"
+      if mech.interface == "pool"
+      else "has no NNX module"
+    )
     raise ValueError(
-      f"attention mechanism {kind!r} has no NNX module, so it cannot be used in a model; "
+      f"attention mechanism {kind!r} {why}, so it cannot be a layer of the stack; "
       f"ids usable in the stack: {usable}"
     )
   module, name = mech.module.split(":")
