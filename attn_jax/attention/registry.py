@@ -69,6 +69,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.temperature",
   "attn_jax.attention.rel_skew",
   "attn_jax.attention.probe",
+  "attn_jax.attention.bottleneck",
 )
 INTERFACES = ("qkv", "layer", "pool")
 
