@@ -202,3 +202,22 @@ def test_grouped_fast_path_gradients(rng):
     DiffAttention(
       d_model=D, num_heads=N, num_kv_heads=2, kind="grouped_diff_attn", rngs=nnx.Rngs(0)
     )
+
+
+def test_captured_map_reproduces_the_layer_and_rows_sum_to_one_minus_lambda(rng):
+  layer = DiffAttention(d_model=D, num_heads=N, positions="none", layer_index=2, rngs=nnx.Rngs(3))
+  x = normal(rng, (2, 7, D), jnp.float32)
+  out, inter = nnx.capture(layer, nnx.Intermediate)(x, capture=True)
+  close(out, layer(x), 1e-6)
+  amap = inter["probs"].get_value()[0]
+  p = layer.param_tree()
+  lam = diff_lib.diff_lambda(p, 2)
+  assert amap.shape == (2, N, 7, 7)
+  close(amap.sum(-1), jnp.broadcast_to(1 - lam, (2, N, 7)), 1e-5)
+  assert float(jnp.abs(jnp.triu(amap, 1)).max()) == 0.0  # causal
+  G = N // p["w_k"].shape[1]
+  v = jnp.repeat(jnp.einsum("bsd,dkv->bskv", x, p["w_v"]), G, 2)
+  o = jnp.einsum("bnts,bsnv->btnv", amap, v)
+  o = o / jnp.sqrt(jnp.mean(o**2, -1, keepdims=True) + 1e-5) * p["norm"]
+  o = o * (1 - diff_lib.lambda_init(2))
+  close(jnp.einsum("btnv,nvd->btd", o, p["w_o"]), out, 1e-5)

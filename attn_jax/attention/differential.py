@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, Int
 
 from attn_jax.attention import api as api_lib
 from attn_jax.attention import heads as heads_lib
-from attn_jax.attention import registry
+from attn_jax.attention import reference, registry
 
 PAPER = "Differential Transformer"
 _NAMES = ("w_q", "w_k", "w_v", "w_o", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "norm")
@@ -173,6 +173,33 @@ def diff_attn(
   o = _rms_norm(o, params["norm"]) * jnp.asarray(1 - lambda_init(layer_index), o.dtype)
   y = heads_lib.output_projection(params, o)
   return heads_lib._finish(y, {"lambda": lam}, return_aux)
+
+
+def diff_attn_probs(
+  params,
+  x_BTD: Float[Array, "B T D"],
+  *,
+  causal: bool,
+  mask=None,
+  positions_BT: Int[Array, "B T"] | None = None,
+  rope=None,
+  layer_index: int = 1,
+) -> Float[Array, "B N T T"]:
+  """The differential map ``A_1 − λ A_2`` per head, materialised (self-attention; for
+  inspection and plots: rows sum to 1 − λ and may hold negative weights)."""
+  dims = diff_dims(params)
+  call = heads_lib._check_call(dims.D, x_BTD, None, causal, mask, positions_BT, rope)
+  dtype = x_BTD.dtype
+  q = jnp.einsum("BTD,DNIh->BTNIh", x_BTD, params["w_q"].astype(dtype))
+  k = jnp.einsum("BSD,DKIh->BSKIh", x_BTD, params["w_k"].astype(dtype))
+  maps = []
+  for i in (0, 1):
+    qi = heads_lib._rotate(q[:, :, :, i], call.q_pos_BT, call.rope)
+    ki = heads_lib._rotate(k[:, :, :, i], call.kv_pos_BS, call.rope)
+    v = jnp.zeros(ki.shape[:3] + (1,), dtype)
+    _, probs = reference.attention_reference(qi, ki, v, mask=call.mask, return_probs=True)
+    maps.append(probs)
+  return maps[0] - diff_lambda(params, layer_index).astype(maps[0].dtype) * maps[1]
 
 
 # ---------------------------------------------------------------------------------------

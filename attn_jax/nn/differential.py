@@ -11,6 +11,8 @@ The generic option keys ``window``, ``chunk``, ``prefix``, ``softcap`` are decla
 ignored. Positions: "rope" rotates each half; "learned" and "none" leave them alone.
 """
 
+from flax import nnx
+
 from attn_jax.attention import differential as diff_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
@@ -79,8 +81,23 @@ class DiffAttention(projected.ProjectedAttention):
     self._declare_params(rngs, specs)
     self.rope = projected.rope_settings(positions, rope_base, rotary_dim, width // 2)
 
-  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, capture: bool = False):
+    """``capture=True`` (diff_attn only) also sows the differential map ``A_1 − λ A_2``
+    ``[B, N, T, T]`` as ``nnx.Intermediate`` "probs" (read with ``nnx.capture``)."""
     fn = diff_lib.diff_attn if self.kind == "diff_attn" else diff_lib.grouped_diff_attn
+    if capture:
+      if self.kind != "diff_attn":
+        raise NotImplementedError(f"capture=True is not built for attention kind {self.kind!r}")
+      probs = diff_lib.diff_attn_probs(
+        self.param_tree(),
+        x_BTD,
+        causal=self.causal,
+        mask=projected.segment_mask(segment_ids_BT),
+        positions_BT=positions_BT,
+        rope=self.rope,
+        layer_index=self.layer_index,
+      )
+      self.sow(nnx.Intermediate, "probs", probs)
     return fn(
       self.param_tree(),
       x_BTD,
