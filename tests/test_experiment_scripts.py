@@ -1,0 +1,64 @@
+"""Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
+brute force, the out-of-distribution range rule, and two-step smoke runs of
+positional_tasks.py and diff_attention_maps.py that write their tables."""
+
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import diff_attention_maps  # noqa: E402
+import positional_tasks as pt  # noqa: E402
+
+
+def test_task_targets_equal_brute_force():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(20, 8))
+  for i in range(8):
+    prefix = x[:, : i + 1]
+    np.testing.assert_allclose(pt.TASKS["median"](x)[:, i], np.median(prefix, axis=1))
+    best = np.full(20, -np.inf)
+    for a, b in itertools.combinations_with_replacement(range(i + 1), 2):
+      best = np.maximum(best, x[:, a : b + 1].sum(1))
+    np.testing.assert_allclose(pt.TASKS["max_subarray"](x)[:, i], best)
+    np.testing.assert_allclose(pt.TASKS["sum"](x)[:, i], prefix.sum(1))
+    np.testing.assert_allclose(pt.TASKS["min"](x)[:, i], prefix.min(1))
+  np.testing.assert_allclose(pt.TASKS["sort"](x), np.sort(x, axis=1))
+
+
+def test_ranges_and_splits():
+  rng = np.random.default_rng(1)
+  lo, hi = pt.sample_ranges(rng, 500, 10.0, reject_inside=2.0)
+  assert np.all(lo <= hi) and np.all(lo >= -10) and np.all(hi <= 10)
+  assert not np.any((lo >= -2) & (hi <= 2))  # no OOD range lies inside the training one
+  x, y = pt.make_split(rng, "sort", 50, 2.0, ood=False)
+  assert x.shape == (50, 9, 1) and y.shape == (50, 8) and np.all(x[:, 8] == 0)
+  assert np.all(np.abs(x) <= 2)
+
+
+def test_scripts_run_and_write_tables(tmp_path):
+  rows = pt.main(
+    [
+      "--tasks=min",
+      "--steps=2",
+      "--num_train=64",
+      "--batch=32",
+      "--num_test=16",
+      f"--out={tmp_path / 'pt'}",
+    ]
+  )
+  assert [r["model"] for r in rows] == ["standard", "positional"]
+  saved = json.loads((tmp_path / "pt.json").read_text())
+  assert len(saved["rows"]) == 2 and "ood [-20,20]" in saved["rows"][0]["mse"]
+  diff_attention_maps.main(
+    ["--max_steps=2", "--eval_every=1", "--num_test=8", "--batch=8", f"--out={tmp_path / 'dm'}"]
+  )
+  res = json.loads((tmp_path / "dm.json").read_text())["results"]
+  assert set(res) == {"mha", "diff_attn"}
+  assert 0 <= res["diff_attn"]["signal_share_best_head"] <= 1
+  assert (tmp_path / "dm.png").stat().st_size > 0
