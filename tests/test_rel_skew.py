@@ -1,7 +1,8 @@
 """Music Transformer relative attention (rel_skew): the skew equals an explicit gather of
 q_i·e_(i−j); the skew's extra memory is linear in T (the gather's is T²·H); the layer equals
-a float64 numpy oracle and the blocked path equals the reference with gradients; the NNX
-layer; bad input."""
+a float64 numpy oracle, and the band + far form (blocked xla and Pallas-interpret flash for
+the far keys) equals the dense reference with gradients and compiles without a T×T tensor;
+the NNX layer; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from conftest import normal
 from flax import nnx
 
-from attn_jax.attention import SegmentMask, registry
+from attn_jax.attention import SegmentMask, registry, sliding_window
 from attn_jax.attention import rel_skew as rel_lib
 from attn_jax.nn.rel_skew import RelSkewAttention
 from attn_jax.nn.transformer import Transformer
@@ -80,10 +81,12 @@ def np_oracle(params, x, ids=None):
   return np.einsum("btnv,nvd->btd", out, p["w_o"])
 
 
-def test_layer_equals_oracle_and_blocked_gradients(rng):
+@pytest.mark.parametrize("rel_max", [6, 1, 20])
+def test_layer_equals_oracle_and_band_and_far_gradients(rng, rel_max):
+  """rel_max 6 < T: band + far; 1: far only (constant relative term); 20 > T: band only."""
   kp, kx, kw = jax.random.split(rng, 3)
   params = registry.init_layer(
-    "rel_skew", kp, d_model=D, num_heads=N, num_kv_heads=2, rel_max=6, dtype=jnp.float64
+    "rel_skew", kp, d_model=D, num_heads=N, num_kv_heads=2, rel_max=rel_max, dtype=jnp.float64
   )
   x = normal(kx, (2, 12, D), jnp.float64)
   ids = np.array([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2])
@@ -106,6 +109,55 @@ def test_layer_equals_oracle_and_blocked_gradients(rng):
   close(got, want, 1e-4)
   for g, r in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
     close(g, r, 5e-4)
+  # Padding rows (id 0) stay exactly zero and finite.
+  out = rel_lib.rel_skew(f32, x.astype(jnp.float32), causal=True, mask=mask)
+  assert np.all(np.isfinite(np.asarray(out))) and float(jnp.abs(out[1, 10:]).max()) == 0.0
+
+
+def test_band_blocks_and_far_part_at_a_longer_length(rng):
+  """T = 290 spans three band blocks of 128 rows (the last one padded)."""
+  kq, kk, kv, ke, kw = jax.random.split(rng, 5)
+  T = 290
+  q = normal(kq, (1, T, 2, 8), jnp.float64)
+  k, v = normal(kk, (1, T, 1, 8), jnp.float64), normal(kv, (1, T, 1, 8), jnp.float64)
+  rel = normal(ke, (2, 40, 8), jnp.float64)
+  ids = jnp.asarray([[1] * 150 + [2] * 130 + [0] * 10])
+  mask = SegmentMask(ids, ids)
+  w = normal(kw, (1, T, 2, 8), jnp.float64)
+
+  def loss(q, k, v, rel, impl):
+    return jnp.sum(rel_lib.rel_skew_attention(q, k, v, rel, mask=mask, implementation=impl) * w)
+
+  grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)), static_argnums=4)
+  want, want_g = grad(q, k, v, rel, "reference")
+  f32 = [a.astype(jnp.float32) for a in (q, k, v, rel)]
+  got, got_g = grad(*f32, "xla")
+  close(got, want, 1e-4)
+  for g, r in zip(got_g, want_g, strict=True):
+    close(g, r, 5e-4)
+
+
+def test_far_part_runs_on_the_pallas_kernel(rng):
+  kp, kx = jax.random.split(rng)
+  params = registry.init_layer("rel_skew", kp, d_model=D, num_heads=N, rel_max=5)
+  x = normal(kx, (1, 20, D), jnp.float32)
+  close(
+    rel_lib.rel_skew(params, x, causal=True, implementation="pallas_interpret"),
+    rel_lib.rel_skew(params, x, causal=True, implementation="reference"),
+    2e-5,
+  )
+
+
+def test_band_and_far_form_holds_no_t_by_t_tensor():
+  T, N_, H, L = 2048, 2, 32, 64
+  q = jax.ShapeDtypeStruct((1, T, N_, H), jnp.float32)
+  rel = jax.ShapeDtypeStruct((N_, L, H), jnp.float32)
+
+  def fast(q, rel):
+    return rel_lib.rel_skew_attention(q, q, q, rel)
+
+  temp = jax.jit(fast).lower(q, rel).compile().memory_analysis().temp_size_in_bytes
+  assert temp < N_ * T * T * 4 // 4, temp  # a quarter of one [N, T, T] float32 tensor
 
 
 def test_nnx_layer_and_bad_input(rng):
@@ -126,7 +178,9 @@ def test_nnx_layer_and_bad_input(rng):
   params = registry.init_layer("rel_skew", rng, d_model=D, num_heads=N)
   with pytest.raises(ValueError, match="rel_skew is causal self-attention"):
     rel_lib.rel_skew(params, x, causal=False)
-  with pytest.raises(NotImplementedError, match="'pallas_gpu' is not built"):
-    rel_lib.rel_skew(params, x, causal=True, implementation="pallas_gpu")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    rel_lib.rel_skew(params, x, causal=True, implementation="flash")
+  with pytest.raises(ValueError, match="takes only a SegmentMask as an extra mask"):
+    rel_lib.rel_skew(params, x, causal=True, mask=sliding_window(3))
   with pytest.raises(ValueError, match="not 'rope'"):
     RelSkewAttention(d_model=D, num_heads=N, positions="rope", rngs=nnx.Rngs(0))

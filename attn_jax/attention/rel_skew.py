@@ -16,14 +16,27 @@ E ordered from distance T − 1 down to 0, left-pad one zero column to [T, T + 1
 are garbage and masked). The skew needs O(T·H) memory beyond Q Eᵀ instead of the O(T²·H)
 of gathering e_(i−j) per pair. Distances >= L reuse e_(L−1).
 
-What is built: the skewed relative logits, added as a dense [B, N, T, T] bias to
-``dot_product_attention`` ("reference" or the blocked "xla" path, which reads the bias
-tile by tile). The in-tile flash form (computing q·e over each tile's distance range
-inside the kernel, with no T×T bias) is not built.
+Two forms, equal in exact arithmetic:
+
+* ``implementation="reference"``: the skewed relative logits as a dense [B, N, T, T] bias of
+  the reference attention (the oracle; the skew itself is what the paper's trick is about).
+* every other implementation: no T×T tensor at all. Distances >= L − 1 share e_(L−1), so a
+  query's relative term over its *far* keys (j <= i − (L − 1)) is one constant
+  c_i = q_i · e_(L−1): it leaves their softmax unchanged and only shifts their log-sum-exp.
+  The far keys are one causal flash call (``dot_product_attention`` with the chosen
+  implementation: the blocked xla path or a Pallas kernel) on ``q[L−1:]`` against
+  ``k[:T−L+1]`` whose lse is shifted by c_i; the *near* band (distances 0 .. L − 2, W = L − 1
+  keys per query) is computed directly from windowed keys with R = q Eᵀ ``[B, T, N, W]``;
+  the two are merged by their log-sum-exps. The band runs in blocks of C = 128 query rows,
+  one at a time and recomputed in the backward, so beyond q/k/v and the outputs it holds
+  O(C·W·(K·H + N)) instead of the O(N·T²) of a dense bias; the far part is a causal flash
+  call. Packed documents
+  (``SegmentMask``) are supported in both parts; other extra masks need the reference.
 """
 
 import typing
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -34,7 +47,7 @@ from attn_jax.attention import heads as heads_lib
 from attn_jax.attention import masks as masks_lib
 
 PAPER = "Music Transformer"
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret")
 
 
 def skew(qe_BNTT: Float[Array, "B N T T"]) -> Float[Array, "B N T T"]:
@@ -75,19 +88,123 @@ def rel_skew_attention(
     raise ValueError(
       f"rel_NLH must have shape [N={dims.N}, L, H={dims.H}]; got {np.shape(rel_NLH)}"
     )
-  impl = implementation or "xla"
-  if impl not in IMPLEMENTATIONS:
-    if impl in api_lib.IMPLEMENTATIONS:
-      raise NotImplementedError(
-        f"rel_skew implementation {impl!r} is not built: the in-tile relative score is not in "
-        "the flash kernels; use 'xla' or 'reference' (dense relative bias)"
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+  if implementation == "reference":
+    full = masks_lib.CausalMask() if mask is None else masks_lib.CausalMask() & mask
+    bias = relative_logits(q_BTNH, rel_NLH) * dims.H**-0.5
+    return api_lib.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKV, mask=full, bias=bias, implementation="reference"
+    )
+  if mask is not None and not isinstance(mask, masks_lib.SegmentMask):
+    raise ValueError(
+      "the band + far form of rel_skew takes only a SegmentMask as an extra mask (packed "
+      f"documents); got {type(mask).__name__}: use implementation='reference'"
+    )
+  return _band_and_far(q_BTNH, k_BTKH, v_BTKV, rel_NLH, mask, implementation)
+
+
+NEAR_BLOCK = 128  # query rows per step of the near band
+
+
+def _near_band(q_BTNH, k_BTKH, v_BTKV, rel_NWH, seg, scale, f32):
+  """(out [B, T, N, Hv], lse [B, T, N]) of each query over its keys at distances 0 .. W − 1,
+  logits q_i·(k_(i−w) + e_w)·scale. Query blocks of C rows run one at a time (``lax.map``
+  over a rematerialised body), each gathering its C×W band of keys and values, so the live
+  memory is O(C·W·K·H) and the backward stores no per-block residuals."""
+  B, T, N, H = q_BTNH.shape
+  K, Hv, W = k_BTKH.shape[2], v_BTKV.shape[-1], rel_NWH.shape[1]
+  G = N // K
+  C = min(NEAR_BLOCK, T)
+  nb = -(-T // C)
+  Tp = nb * C
+  pad_q = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+  pad_kv = ((0, 0), (W - 1, Tp - T), (0, 0), (0, 0))
+  q_p, k_p, v_p = jnp.pad(q_BTNH, pad_q), jnp.pad(k_BTKH, pad_kv), jnp.pad(v_BTKV, pad_kv)
+  if seg is not None:
+    q_ids = jnp.pad(seg[0], ((0, 0), (0, Tp - T)))
+    kv_ids = jnp.pad(seg[1], ((0, 0), (W - 1, Tp - T)))
+  # Band coordinate (u, w) of a block: query row u, key window index u + W − 1 − w.
+  win_CW = jnp.arange(C)[:, None] + (W - 1) - jnp.arange(W)[None, :]
+
+  def block(bi):
+    a = bi * C
+    q = jax.lax.dynamic_slice_in_dim(q_p, a, C, axis=1)
+    k_win = jax.lax.dynamic_slice_in_dim(k_p, a, C + W - 1, axis=1)
+    v_win = jax.lax.dynamic_slice_in_dim(v_p, a, C + W - 1, axis=1)
+    k_band, v_band = k_win[:, win_CW], v_win[:, win_CW]  # [B, C, W, K, H|Hv]
+    s = jnp.einsum(
+      "BCKGH,BCWKH->BCKGW", q.reshape(B, C, K, G, H), k_band, preferred_element_type=f32
+    )
+    r = jnp.einsum("BCNH,NWH->BCNW", q, rel_NWH, preferred_element_type=f32)
+    s = (s + r.reshape(B, C, K, G, W)) * scale
+    key_pos = a + jnp.arange(C)[:, None] - jnp.arange(W)[None, :]  # [C, W]
+    ok = jnp.broadcast_to(key_pos >= 0, (B, C, W))
+    if seg is not None:
+      qi = jax.lax.dynamic_slice_in_dim(q_ids, a, C, axis=1)
+      ki = jax.lax.dynamic_slice_in_dim(kv_ids, a, C + W - 1, axis=1)[:, win_CW]
+      ok = ok & (qi[:, :, None] == ki)
+      if seg[2] is not None:
+        ok = ok & (qi[:, :, None] != seg[2])
+    s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    denom = e.sum(-1)
+    p = e / jnp.maximum(denom, 1e-30)[..., None]
+    o = jnp.einsum("BCKGW,BCWKV->BCKGV", p, v_band.astype(f32))
+    lse = jnp.where(denom > 0, jnp.log(jnp.maximum(denom, 1e-30)) + m[..., 0], -jnp.inf)
+    return o.reshape(B, C, N, Hv), lse.reshape(B, C, N)
+
+  o, lse = jax.lax.map(jax.checkpoint(block), jnp.arange(nb))  # [nb, B, C, ...]
+  o = o.transpose(1, 0, 2, 3, 4).reshape(B, Tp, N, Hv)[:, :T]
+  lse = lse.transpose(1, 0, 2, 3).reshape(B, Tp, N)[:, :T]
+  return o, lse
+
+
+def _band_and_far(q_BTNH, k_BTKH, v_BTKV, rel_NLH, mask, implementation):
+  """The module docstring's O(T·L) form: near band by windows, far keys by one flash call."""
+  T, H = q_BTNH.shape[1], q_BTNH.shape[3]
+  L = rel_NLH.shape[1]
+  W = min(L - 1, T)  # near distances 0 .. W - 1, each with its own embedding
+  scale = H**-0.5
+  f32 = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+  rel = rel_NLH.astype(q_BTNH.dtype)
+  seg = None if mask is None else (mask.q_segment_ids, mask.kv_segment_ids, mask.padding_id)
+  parts = []  # (out [B, T, N, Hv], lse [B, T, N]) of each part
+  if W > 0:
+    parts.append(_near_band(q_BTNH, k_BTKH, v_BTKV, rel[:, :W], seg, scale, f32))
+  F = T - (L - 1)  # queries L - 1 .. T - 1 have far keys 0 .. i - (L - 1)
+  if F > 0:
+    far_mask = masks_lib.CausalMask()
+    if seg is not None:
+      far_mask = far_mask & masks_lib.SegmentMask(
+        seg[0][:, L - 1 :], seg[1][:, :F], padding_id=seg[2]
       )
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
-  full = masks_lib.CausalMask() if mask is None else masks_lib.CausalMask() & mask
-  bias = relative_logits(q_BTNH, rel_NLH) * dims.H**-0.5
-  return api_lib.dot_product_attention(
-    q_BTNH, k_BTKH, v_BTKV, mask=full, bias=bias, implementation=impl
-  )
+    o_far, lse_far = api_lib.dot_product_attention(
+      q_BTNH[:, L - 1 :],
+      k_BTKH[:, :F],
+      v_BTKV[:, :F],
+      mask=far_mask,
+      scale=scale,
+      implementation=implementation,
+      return_lse=True,
+    )
+    c = jnp.einsum("BTNH,NH->BTN", q_BTNH[:, L - 1 :], rel[:, L - 1], preferred_element_type=f32)
+    lse_far = lse_far.transpose(0, 2, 1).astype(f32) + c * scale  # [B, F, N]
+    pad = ((0, 0), (L - 1, 0), (0, 0))
+    o_far = jnp.pad(o_far.astype(f32), pad + ((0, 0),))
+    lse_far = jnp.pad(lse_far, pad, constant_values=-jnp.inf)
+    parts.append((o_far, lse_far))
+  if len(parts) == 1:
+    return parts[0][0].astype(q_BTNH.dtype)
+  # A part with no visible key has lse -inf; a finite floor keeps logaddexp's gradient finite
+  # (its output there is 0, so the weight it gets does not matter).
+  floor = jnp.finfo(f32).min / 4
+  (o1, l1), (o2, l2) = ((o, jnp.maximum(l_, floor)) for o, l_ in parts)
+  lse = jnp.logaddexp(l1, l2)
+  out = jnp.exp(l1 - lse)[..., None] * o1 + jnp.exp(l2 - lse)[..., None] * o2
+  return out.astype(q_BTNH.dtype)
 
 
 _BASE = ("w_q", "w_k", "w_v", "w_o")
@@ -161,8 +278,8 @@ registry.register(
     decode=False,
     tier=2,
     check="The skewed S_rel equals an explicit gather of q_i·e_(i−j). Extra memory of the "
-    "skew is linear in T. (The in-tile flash form is not built: the relative logits enter as "
-    "a dense bias.)",
+    "skew is linear in T. The fast form (near band + one flash call over the far keys) "
+    "equals the dense reference and holds no T×T tensor.",
     build=registry.build_nothing,
     module="attn_jax.nn.rel_skew:RelSkewAttention",
     interface="layer",
