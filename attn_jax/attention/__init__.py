@@ -5,11 +5,12 @@ Dimension key: B batch, T query length, S key/value length, N query heads, K kv 
 """
 
 from attn_jax.attention.api import IMPLEMENTATIONS, default_implementation, dot_product_attention
-from attn_jax.attention.biases import AlibiBias, ScoreBias, alibi_slopes
+from attn_jax.attention.biases import AlibiBias, PeriodicBias, ScoreBias, alibi_slopes
 from attn_jax.attention.masks import (
   EMPTY,
   FULL,
   PARTIAL,
+  AlignmentMask,
   AndMask,
   BlockSparseMask,
   CausalMask,
@@ -35,6 +36,7 @@ __all__ = [
   "IMPLEMENTATIONS",
   "PARTIAL",
   "AlibiBias",
+  "AlignmentMask",
   "AndMask",
   "BlockSparseMask",
   "CausalMask",
@@ -45,6 +47,7 @@ __all__ = [
   "LocalMask",
   "Mask",
   "OrMask",
+  "PeriodicBias",
   "PrefixLMMask",
   "ScoreBias",
   "SegmentMask",

@@ -90,3 +90,36 @@ class AlibiBias(ScoreBias):
 
   def __repr__(self):
     return f"AlibiBias(slopes{jnp.shape(self.slopes)})"
+
+
+@jax.tree_util.register_pytree_node_class
+class PeriodicBias(ScoreBias):
+  """FaceFormer's periodic stepped bias ``−⌊(i − j) / p⌋`` for keys j <= i ("FaceFormer:
+  Speech-Driven 3D Facial Animation with Transformers"): keys in the same period as the
+  query get 0, one period back −1, and so on, for every head. Meant for causal attention
+  (keys after the query would get a positive bias: use a causal mask). ``period`` >= the
+  sequence length makes it plain causal attention. No parameters."""
+
+  def __init__(self, period: int, num_heads: int):
+    for name, value in (("period", period), ("num_heads", num_heads)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PeriodicBias {name} must be an int >= 1; got {value!r}")
+    self.period, self._num_heads = period, num_heads
+
+  @property
+  def num_heads(self) -> int:
+    return self._num_heads
+
+  def __call__(self, heads, q_pos, kv_pos):
+    steps = jnp.floor_divide(q_pos[:, None] - kv_pos[None, :], self.period)
+    return jnp.broadcast_to(-steps.astype(jnp.float32), (heads.shape[0], *steps.shape))
+
+  def tree_flatten(self):
+    return (), (self.period, self._num_heads)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*aux)
+
+  def __repr__(self):
+    return f"PeriodicBias(period={self.period}, num_heads={self._num_heads})"

@@ -278,6 +278,28 @@ class SinkKeysMask(_StaticMask):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignmentMask(_StaticMask):
+  """Monotonic alignment of a slow sequence to a ``stride`` times faster one: query i sees
+  keys ``stride·i <= j < stride·(i + 1)`` (FaceFormer's motion-to-audio mask, "FaceFormer:
+  Speech-Driven 3D Facial Animation with Transformers"). Query indices count from the start
+  of the query block (top-left aligned: ``q_offset`` is ignored)."""
+
+  stride: int
+
+  def __post_init__(self):
+    _check_int("AlignmentMask stride", self.stride, minimum=1)
+
+  def _visible(self, q_idx, kv_idx, q_offset, b):
+    return kv_idx // self.stride == q_idx
+
+  def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
+    k = self.stride
+    any_ = (kv_hi >= k * q_lo) & (kv_lo <= k * q_hi + k - 1)
+    all_ = (q_lo == q_hi) & (kv_lo >= k * q_lo) & (kv_hi <= k * q_lo + k - 1)
+    return any_, all_
+
+
 def sliding_window(window: int) -> LocalMask:
   """Causal window of ``window`` keys including the query: visible iff i - w < j <= i."""
   _check_int("window", window, minimum=1)

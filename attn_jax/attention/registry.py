@@ -397,6 +397,15 @@ def _build_alibi(key, dims, causal):
   return {"mask": masks_lib.CausalMask(), "bias": biases_lib.AlibiBias.default(dims.N)}
 
 
+PERIOD = 4
+
+
+def _build_periodic(key, dims, causal):
+  if causal:
+    return {"mask": masks_lib.CausalMask(), "bias": biases_lib.PeriodicBias(PERIOD, dims.N)}
+  return {"mask": masks_lib.AlignmentMask(max(1, dims.S // dims.T))}
+
+
 def _build_softcap(key, dims, causal):
   return {"mask": _causal_or_none(causal), "softcap": 2.0}
 
@@ -476,6 +485,20 @@ _softmax_entry(
   ALL_PATTERNS,
   False,
   "a packed batch equals each document run alone; padding-id rows return zeros",
+)
+
+
+_softmax_entry(
+  "periodic_bias",
+  "FaceFormer: Speech-Driven 3D Facial Animation with Transformers",
+  _build_periodic,
+  frozenset((SELF_CAUSAL, CROSS_CAUSAL, CROSS)),
+  True,
+  "causal self-attention with the stepped bias −⌊(i − j)/p⌋ computed in-tile (p >= T equals "
+  "causal); cross-attention with the alignment mask: frame i sees exactly keys "
+  "[k·i, k·(i + 1))",
+  tier=3,
+  kernels=False,
 )
 
 

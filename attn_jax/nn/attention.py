@@ -42,9 +42,11 @@ KINDS = (
   "qada",
   "cog_attn",
   "coca",
+  "periodic_bias",
 )
-CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada")
+CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada", "periodic_bias")
 DEFAULT_OPTIONS = {
+  "period": 25,
   "window": 64,
   "chunk": 64,
   "prefix": 0,
@@ -184,6 +186,8 @@ class Attention(nnx.Module):
     kwargs = {"mask": self._mask(segment_ids_BT)}
     if self.kind == "alibi":
       kwargs["bias"] = biases.AlibiBias.default(self.num_heads)
+    if self.kind == "periodic_bias":  # FaceFormer's −⌊(i − j)/p⌋, in-tile; option "period"
+      kwargs["bias"] = biases.PeriodicBias(int(self.options["period"]), self.num_heads)
     if self.kind == "softcap":
       kwargs["softcap"] = float(self.options["softcap"])
     if self.kind == "sinks":
