@@ -123,3 +123,36 @@ class PeriodicBias(ScoreBias):
 
   def __repr__(self):
     return f"PeriodicBias(period={self.period}, num_heads={self._num_heads})"
+
+
+def existence_log_probs(continue_logits_BS, segment_ids_BS=None):
+  """``log p_j = Σ_(t <= j) log σ(c_t)`` ``[B, S]`` (float32 or wider): the log of key j's
+  existence probability, a cumulative product of per-position continue probabilities σ(c_t)
+  ("Zonkey: A Hierarchical Diffusion Language Model with Differentiable Tokenization and
+  Probabilistic Attention"; our reading). With ``segment_ids_BS`` the product restarts at
+  each packed document. p_j depends on positions <= j only, so it is causal-safe."""
+  c = jnp.asarray(continue_logits_BS)
+  if c.ndim != 2 or not jnp.issubdtype(c.dtype, jnp.floating):
+    raise ValueError(f"continue_logits must be a float array [B, S]; got {c.dtype}{c.shape}")
+  ls = jax.nn.log_sigmoid(c.astype(jnp.promote_types(c.dtype, jnp.float32)))
+  cs = jnp.cumsum(ls, axis=1)
+  if segment_ids_BS is None:
+    return cs
+  if jnp.shape(segment_ids_BS) != c.shape:
+    raise ValueError(
+      f"segment_ids must have the shape of continue_logits {c.shape}; got "
+      f"{jnp.shape(segment_ids_BS)}"
+    )
+  seg = jnp.asarray(segment_ids_BS)
+  start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(start, jnp.arange(c.shape[1]), 0), axis=1)
+  before = jnp.take_along_axis(cs - ls, first, axis=1)  # the sum before the document began
+  return cs - before
+
+
+def existence_bias(continue_logits_BS, segment_ids_BS=None):
+  """The additive bias ``[B, 1, 1, S]`` = log p_j of ``existence_log_probs`` for
+  ``dot_product_attention(..., bias=...)`` (broadcast over heads and queries, so it costs
+  B·S memory and runs on every implementation). p ≡ 1 is plain attention; p_j = 0 masks
+  key j."""
+  return existence_log_probs(continue_logits_BS, segment_ids_BS)[:, None, None, :]

@@ -406,6 +406,17 @@ def _build_periodic(key, dims, causal):
   return {"mask": masks_lib.AlignmentMask(max(1, dims.S // dims.T))}
 
 
+EXISTENCE_MAX_LEN = 1024
+
+
+def _build_existence(key, dims, causal):
+  # Drawn at a fixed length and sliced, so a decode step sees the same p_j as the full run.
+  if dims.S > EXISTENCE_MAX_LEN:
+    raise ValueError(f"the existence_bias builder covers S <= {EXISTENCE_MAX_LEN}; got {dims.S}")
+  logits = 3.0 + jax.random.normal(key, (dims.B, EXISTENCE_MAX_LEN), jnp.float32)[:, : dims.S]
+  return {"mask": _causal_or_none(causal), "bias": biases_lib.existence_bias(logits)}
+
+
 def _build_softcap(key, dims, causal):
   return {"mask": _causal_or_none(causal), "softcap": 2.0}
 
@@ -488,6 +499,17 @@ _softmax_entry(
 )
 
 
+_softmax_entry(
+  "existence_bias",
+  "Zonkey: A Hierarchical Diffusion Language Model with Differentiable Tokenization and "
+  "Probabilistic Attention",
+  _build_existence,
+  ALL_PATTERNS,
+  True,
+  "log p_j (a cumulative product of continue probabilities) added to key j's logits as a "
+  "[B, 1, 1, S] bias: p ≡ 1 equals plain attention, p_j = 0 equals masking key j",
+  tier=3,
+)
 _softmax_entry(
   "periodic_bias",
   "FaceFormer: Speech-Driven 3D Facial Animation with Transformers",

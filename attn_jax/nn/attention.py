@@ -43,6 +43,7 @@ KINDS = (
   "cog_attn",
   "coca",
   "periodic_bias",
+  "existence_bias",
 )
 CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada", "periodic_bias")
 DEFAULT_OPTIONS = {
@@ -134,6 +135,9 @@ class Attention(nnx.Module):
       self.k_norm = layers.Norm(head_dim, kind="rmsnorm", rngs=rngs)
     if kind == "sinks":
       self.sinks = layers.param(rngs, jax.nn.initializers.zeros, (num_heads,), ("heads",))
+    if kind == "existence_bias":  # continue logit x·w + b per token; σ(8) ≈ 1 − 3e-4 at init
+      self.exist_w = layers.param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
+      self.exist_b = layers.param(rngs, jax.nn.initializers.constant(8.0), (1,), (None,))
 
   def _mask(self, segment_ids_BT):
     kind, o = self.kind, self.options
@@ -186,6 +190,9 @@ class Attention(nnx.Module):
     kwargs = {"mask": self._mask(segment_ids_BT)}
     if self.kind == "alibi":
       kwargs["bias"] = biases.AlibiBias.default(self.num_heads)
+    if self.kind == "existence_bias":  # log p_j of continue probabilities σ(x_j·w + b)
+      logits_BT = x_BTD @ self.exist_w[...].astype(dtype) + self.exist_b[...].astype(dtype)
+      kwargs["bias"] = biases.existence_bias(logits_BT, segment_ids_BT).astype(dtype)
     if self.kind == "periodic_bias":  # FaceFormer's −⌊(i − j)/p⌋, in-tile; option "period"
       kwargs["bias"] = biases.PeriodicBias(int(self.options["period"]), self.num_heads)
     if self.kind == "softcap":
