@@ -70,6 +70,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.rel_skew",
   "attn_jax.attention.probe",
   "attn_jax.attention.bottleneck",
+  "attn_jax.attention.minimal",
 )
 INTERFACES = ("qkv", "layer", "pool")
 

@@ -87,8 +87,10 @@ def functional_layer(
     )
     self.causal, self.implementation = causal, implementation
     self._declare_params(rngs, specs)
-    key_shape = specs["w_k"][0] if "w_k" in specs else specs["w_q"][0]
-    self.rope = projected.rope_settings(positions, rope_base, rotary_dim, key_shape[-1])
+    self.rope = None
+    if positions == "rope":
+      key_shape = specs["w_k"][0] if "w_k" in specs else specs["w_q"][0]
+      self.rope = projected.rope_settings(positions, rope_base, rotary_dim, key_shape[-1])
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
     kwargs = dict(
