@@ -71,6 +71,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.probe",
   "attn_jax.attention.bottleneck",
   "attn_jax.attention.minimal",
+  "attn_jax.attention.rel_xl",
 )
 INTERFACES = ("qkv", "layer", "pool")
 
