@@ -33,6 +33,7 @@ the same document. Other extra masks are refused when the convolution is wider t
 import math
 import typing
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -174,15 +175,12 @@ def param_specs(
     raise ValueError(f"rel_xl_dim must be even (sin and cos pairs); got {R}")
   C = heads_lib._opt("rel_xl_conv", rel_xl_conv, 3)
 
-  def zeros(key, shape, dtype):
-    return jnp.zeros(shape, dtype)
-
   def identity_conv(key, shape, dtype):
     return jnp.zeros(shape, dtype).at[-1].set(1)
 
   specs["w_r"] = ((N, R, H), heads_lib._normal_init(R**-0.5), ("heads", None, None))
-  specs["u"] = ((N, H), zeros, ("heads", None))
-  specs["w"] = ((N, H), zeros, ("heads", None))
+  specs["u"] = ((N, H), jax.nn.initializers.zeros, ("heads", None))
+  specs["w"] = ((N, H), jax.nn.initializers.zeros, ("heads", None))
   specs["conv"] = ((C, D), identity_conv, (None, "embed"))
   return specs
 
