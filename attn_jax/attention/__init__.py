@@ -24,7 +24,9 @@ from attn_jax.attention.masks import (
   PrefixLMMask,
   SegmentMask,
   SinkKeysMask,
+  sink_window,
   sliding_window,
+  streaming_cache_indices,
 )
 from attn_jax.attention.reference import attention_reference
 from attn_jax.attention.rope import apply_rope, rope_attention, rope_frequencies
@@ -60,5 +62,7 @@ __all__ = [
   "dot_product_attention",
   "rope_attention",
   "rope_frequencies",
+  "sink_window",
   "sliding_window",
+  "streaming_cache_indices",
 ]

@@ -306,6 +306,31 @@ def sliding_window(window: int) -> LocalMask:
   return LocalMask(window - 1, 0)
 
 
+def sink_window(window: int, num_sinks: int) -> Mask:
+  """Attention sinks plus a recent window ("Efficient Streaming Language Models with
+  Attention Sinks"): key j is visible to query i iff ``j < num_sinks`` (and j <= i) or
+  ``i − window < j <= i``. Its tile map is the first kv-block column plus the diagonal band.
+  ``num_sinks = 0`` is ``sliding_window(window)``."""
+  _check_int("window", window, minimum=1)
+  _check_int("num_sinks", num_sinks, minimum=0)
+  if num_sinks == 0:
+    return sliding_window(window)
+  return sliding_window(window) | (SinkKeysMask(num_sinks) & CausalMask())
+
+
+def streaming_cache_indices(length: int, window: int, num_sinks: int) -> np.ndarray:
+  """The key positions a streaming decoder keeps after ``length`` tokens so that the next
+  query (at position ``length``) sees exactly its ``sink_window`` keys: the first
+  ``num_sinks`` and the last ``window − 1`` (the query itself is the window's newest key).
+  At most ``num_sinks + window − 1`` entries, whatever ``length`` is."""
+  _check_int("length", length, minimum=0)
+  _check_int("window", window, minimum=1)
+  _check_int("num_sinks", num_sinks, minimum=0)
+  sinks = np.arange(min(num_sinks, length))
+  recent = np.arange(max(num_sinks, length - (window - 1)), length)
+  return np.concatenate([sinks, recent]).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _SameChunkMask(_StaticMask):
   chunk: int

@@ -369,6 +369,13 @@ def _build_window(key, dims, causal):
   return {"mask": masks_lib.LocalMask(WINDOW - 1, WINDOW - 1)}
 
 
+SINKS = 2
+
+
+def _build_sink_window(key, dims, causal):
+  return {"mask": masks_lib.sink_window(WINDOW, SINKS)}
+
+
 def _build_chunked(key, dims, causal):
   return {"mask": masks_lib.ChunkedCausalMask(CHUNK)}
 
@@ -482,6 +489,17 @@ _softmax_entry(
   ALL_PATTERNS,
   True,
   "w >= T equals causal; w = 1 returns v_i; work grows linearly in T for fixed w",
+)
+_softmax_entry(
+  "sink_window",
+  "Efficient Streaming Language Models with Attention Sinks (baseline; the streaming heads of "
+  "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads)",
+  _build_sink_window,
+  CAUSAL_PATTERNS,
+  True,
+  "n_sink = 0 equals sliding_window and w >= T equals causal; the tile map is the first "
+  "kv-block column plus the diagonal band; decoding from a cache of n_sink + w − 1 entries "
+  "(constant in T) equals the full row",
 )
 _softmax_entry(
   "chunked_causal",

@@ -31,6 +31,7 @@ KINDS = (
   "mha",
   "causal",
   "sliding_window",
+  "sink_window",
   "chunked_causal",
   "prefix_lm",
   "segment",
@@ -45,8 +46,17 @@ KINDS = (
   "periodic_bias",
   "existence_bias",
 )
-CAUSAL_ONLY = ("causal", "chunked_causal", "prefix_lm", "alibi", "qada", "periodic_bias")
+CAUSAL_ONLY = (
+  "sink_window",
+  "causal",
+  "chunked_causal",
+  "prefix_lm",
+  "alibi",
+  "qada",
+  "periodic_bias",
+)
 DEFAULT_OPTIONS = {
+  "sink_tokens": 4,
   "period": 25,
   "window": 64,
   "chunk": 64,
@@ -144,6 +154,8 @@ class Attention(nnx.Module):
     if kind == "sliding_window":
       w = int(o["window"])
       mask = masks.sliding_window(w) if self.causal else masks.LocalMask(w - 1, w - 1)
+    elif kind == "sink_window":  # options "window" and "sink_tokens"
+      mask = masks.sink_window(int(o["window"]), int(o["sink_tokens"]))
     elif kind == "chunked_causal":
       mask = masks.ChunkedCausalMask(int(o["chunk"]))
     elif kind == "prefix_lm":
