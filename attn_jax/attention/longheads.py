@@ -140,20 +140,30 @@ def longheads(
   base = masks_lib.CausalMask() if causal else None
   if mask is not None:
     base = mask if base is None else base & mask
-  G = dims.N // dims.K
+  out = attend_selected_chunks(q_BTNH, k_BSKH, v_BSKV, selected, chunk, base, impl)
+  return (out, selected) if return_selection else out
+
+
+def attend_selected_chunks(
+  q_BTNH, k_BSKH, v_BSKV, selected_BNTC, chunk: int, base_mask, implementation
+) -> Float[Array, "B T N Hv"]:
+  """Attention of each (query, head) over the key chunks it selected (``selected_BNTC``),
+  combined with ``base_mask`` (causality, packing): one ``dot_product_attention`` call per
+  head with a ``ChunkSelectionMask`` (heads vmapped; K/V read per query head), so the
+  blocked path skips the tiles no query of a tile selected."""
+  G = q_BTNH.shape[2] // k_BSKH.shape[2]
 
   def one_head(q_BTH, k_BSH, v_BSV, sel_BTC):
     m = masks_lib.ChunkSelectionMask(sel_BTC, chunk)
-    m = m if base is None else m & base
+    m = m if base_mask is None else m & base_mask
     out = api_lib.dot_product_attention(
-      q_BTH[:, :, None], k_BSH[:, :, None], v_BSV[:, :, None], mask=m, implementation=impl
+      q_BTH[:, :, None], k_BSH[:, :, None], v_BSV[:, :, None], mask=m, implementation=implementation
     )
     return out[:, :, 0]
 
   k_rep = jnp.repeat(k_BSKH, G, axis=2) if G > 1 else k_BSKH
   v_rep = jnp.repeat(v_BSKV, G, axis=2) if G > 1 else v_BSKV
-  out = jax.vmap(one_head, in_axes=(2, 2, 2, 1), out_axes=2)(q_BTNH, k_rep, v_rep, selected)
-  return (out, selected) if return_selection else out
+  return jax.vmap(one_head, in_axes=(2, 2, 2, 1), out_axes=2)(q_BTNH, k_rep, v_rep, selected_BNTC)
 
 
 def _build(key, dims, causal):

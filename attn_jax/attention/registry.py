@@ -72,6 +72,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.bottleneck",
   "attn_jax.attention.minimal",
   "attn_jax.attention.rel_xl",
+  "attn_jax.attention.moba",
 )
 INTERFACES = ("qkv", "layer", "pool")
 

@@ -21,6 +21,7 @@ from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import longheads as longheads_lib
+from attn_jax.attention import moba as moba_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
@@ -32,6 +33,7 @@ KINDS = (
   "causal",
   "sliding_window",
   "sink_window",
+  "moba",
   "chunked_causal",
   "prefix_lm",
   "segment",
@@ -56,6 +58,8 @@ CAUSAL_ONLY = (
   "periodic_bias",
 )
 DEFAULT_OPTIONS = {
+  "moba_block": 64,
+  "moba_top_k": 3,
   "sink_tokens": 4,
   "period": 25,
   "window": 64,
@@ -226,6 +230,18 @@ class Attention(nnx.Module):
         longheads_chunk=int(self.options["chunk"]),
         longheads_top_k=int(self.options["longheads_top_k"]),
         mask=kwargs["mask"],
+        implementation=self.implementation,
+      )
+    elif self.kind == "moba":  # parameter-free block gate; options moba_block, moba_top_k
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'moba'")
+      out_BTNH = moba_lib.moba(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        moba_block=int(self.options["moba_block"]),
+        moba_top_k=int(self.options["moba_top_k"]),
+        mask=None if segment_ids_BT is None else masks.SegmentMask(segment_ids_BT, segment_ids_BT),
         implementation=self.implementation,
       )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*

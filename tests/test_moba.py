@@ -1,0 +1,111 @@
+"""MoBA (moba): the selection alone always keeps the own block, never a future one, and keeps
+the best earlier blocks by q·mean(K); k >= the number of blocks is causal attention; the
+blocked path equals a dense masked reference built from the same selection (values and
+gradients, GQA, packing); decoding equals the full row; the NNX kind; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import normal
+from flax import nnx
+
+from attn_jax.attention import CausalMask, SegmentMask, dot_product_attention, registry
+from attn_jax.attention import moba as moba_lib
+from attn_jax.nn.attention import Attention
+
+
+def close(a, b, tol):
+  np.testing.assert_allclose(
+    np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol
+  )
+
+
+def qkv(key, B=2, T=37, N=4, K=2, H=8, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(key, 3)
+  return (
+    normal(kq, (B, T, N, H), dtype),
+    normal(kk, (B, T, K, H), dtype),
+    normal(kv, (B, T, K, H), dtype),
+  )
+
+
+def test_selection_rule(rng):
+  q, k, _ = qkv(rng, T=40)
+  block, top_k = 5, 3
+  sel = np.asarray(moba_lib.moba_select(q, k, block=block, top_k=top_k))  # [B, N, T, nC]
+  own = np.arange(40) // block
+  nC = 8
+  assert np.all(sel[..., np.arange(40), own])  # the own block, always
+  future = np.arange(nC)[None, :] > own[:, None]
+  assert not np.any(sel & future)  # never a future block
+  assert np.all(sel.sum(-1) == np.minimum(top_k, own + 1))
+  # The earlier picks are the best by the gate q·mean(K_c).
+  means = np.asarray(k, np.float64).reshape(2, 8, 5, 2, 8).mean(2)
+  gate = np.einsum("btnh,bcnh->bntc", np.asarray(q, np.float64), np.repeat(means, 2, axis=2))
+  b, n, t = 1, 3, 33
+  earlier = np.argsort(-gate[b, n, t, : own[t]])[: top_k - 1]
+  assert set(np.nonzero(sel[b, n, t])[0]) == set(earlier) | {own[t]}
+
+
+def test_all_blocks_is_causal(rng):
+  q, k, v = qkv(rng)
+  close(
+    moba_lib.moba(q, k, v, moba_block=4, moba_top_k=10),
+    dot_product_attention(q, k, v, mask=CausalMask()),
+    2e-5,
+  )
+
+
+def test_blocked_equals_dense_masked_reference_with_gradients(rng):
+  q, k, v = qkv(rng, dtype=jnp.float64)
+  ids = jnp.asarray([[1] * 20 + [2] * 17, [1] * 30 + [0] * 7])
+  seg = SegmentMask(ids, ids)
+  w = normal(jax.random.fold_in(rng, 3), q.shape, jnp.float64)
+  _, sel = moba_lib.moba(q, k, v, moba_block=6, moba_top_k=2, mask=seg, return_selection=True)
+  visible = moba_lib.selection_mask_dense(sel, 6, 37) & np.asarray(seg.dense(37, 37))[:, None]
+
+  def dense(q, k, v):
+    G = q.shape[2] // k.shape[2]
+    kr, vr = jnp.repeat(k, G, 2), jnp.repeat(v, G, 2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, kr) / np.sqrt(q.shape[-1])
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, -1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-300)
+    return jnp.einsum("bnts,bsnh->btnh", p, vr)
+
+  def loss(fn, *args):
+    return jnp.sum(fn(*args) * w)
+
+  def fast(q, k, v):
+    return moba_lib.moba(q, k, v, moba_block=6, moba_top_k=2, mask=seg, implementation="xla")
+
+  want, want_g = jax.value_and_grad(lambda *a: loss(dense, *a), (0, 1, 2))(q, k, v)
+  f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+  got, got_g = jax.jit(jax.value_and_grad(lambda *a: loss(fast, *a), (0, 1, 2)))(*f32)
+  close(got, want, 1e-4)
+  for g, r in zip(got_g, want_g, strict=True):
+    close(g, r, 2e-4)
+
+
+def test_nnx_kind_and_bad_input(rng):
+  layer = Attention(
+    d_model=16,
+    num_heads=2,
+    kind="moba",
+    positions="none",
+    options={"moba_block": 4, "moba_top_k": 2},
+    rngs=nnx.Rngs(0),
+  )
+  x = normal(rng, (2, 16, 16), jnp.float32)
+  y = layer(x)
+  assert y.shape == (2, 16, 16) and np.all(np.isfinite(np.asarray(y)))
+  q, k, v = qkv(rng)
+  with pytest.raises(ValueError, match="moba_top_k must be an int >= 1"):
+    moba_lib.moba(q, k, v, moba_top_k=0)
+  with pytest.raises(NotImplementedError, match="'pallas_tpu' is not built"):
+    moba_lib.moba(q, k, v, implementation="pallas_tpu")
+  with pytest.raises(ValueError, match="does not support the 'self' pattern"):
+    registry.run("moba", q, k, v, causal=False)
