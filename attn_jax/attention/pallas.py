@@ -35,7 +35,17 @@ def unsupported_reason(mask=None, bias=None) -> str | None:
       "the Pallas flash kernels do not take a BlockSparseMask (block lists belong to the "
       "block-sparse kernels); use implementation='xla' or 'reference'"
     )
+  refusal = None if mask is None else _kernel_refusal(mask)
+  if refusal is not None:
+    return f"the Pallas flash kernels do not take this mask: {refusal}; use 'xla' or 'reference'"
   return None
+
+
+def _kernel_refusal(mask) -> str | None:
+  """A mask class's own reason (its ``KERNEL_REFUSAL``) for staying off the kernels."""
+  if isinstance(mask, masks_lib.AndMask | masks_lib.OrMask):
+    return _kernel_refusal(mask.left) or _kernel_refusal(mask.right)
+  return getattr(mask, "KERNEL_REFUSAL", None)
 
 
 def _has_block_sparse(mask) -> bool:

@@ -22,6 +22,7 @@ from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
+from attn_jax.attention import neighborhood as neighborhood_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
@@ -34,6 +35,7 @@ KINDS = (
   "sliding_window",
   "sink_window",
   "moba",
+  "gna",
   "chunked_causal",
   "prefix_lm",
   "segment",
@@ -58,6 +60,9 @@ CAUSAL_ONLY = (
   "periodic_bias",
 )
 DEFAULT_OPTIONS = {
+  "gna_grid": "",
+  "gna_stride": 1,
+  "gna_dilation": 1,
   "moba_block": 64,
   "moba_top_k": 3,
   "sink_tokens": 4,
@@ -153,11 +158,16 @@ class Attention(nnx.Module):
       self.exist_w = layers.param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
       self.exist_b = layers.param(rngs, jax.nn.initializers.constant(8.0), (1,), (None,))
 
-  def _mask(self, segment_ids_BT):
+  def _mask(self, segment_ids_BT, length: int):
     kind, o = self.kind, self.options
     if kind == "sliding_window":
       w = int(o["window"])
       mask = masks.sliding_window(w) if self.causal else masks.LocalMask(w - 1, w - 1)
+    elif kind == "gna":  # options window, gna_grid ("": 1-D), gna_stride, gna_dilation
+      grid = tuple(int(n) for n in str(o["gna_grid"]).split(",") if n.strip()) or (length,)
+      mask = neighborhood_lib.NeighborhoodMask(
+        grid, int(o["window"]), int(o["gna_stride"]), int(o["gna_dilation"]), self.causal
+      )
     elif kind == "sink_window":  # options "window" and "sink_tokens"
       mask = masks.sink_window(int(o["window"]), int(o["sink_tokens"]))
     elif kind == "chunked_causal":
@@ -203,7 +213,7 @@ class Attention(nnx.Module):
     q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", None))
     k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", None))
     v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", None))
-    kwargs = {"mask": self._mask(segment_ids_BT)}
+    kwargs = {"mask": self._mask(segment_ids_BT, x_BTD.shape[1])}
     if self.kind == "alibi":
       kwargs["bias"] = biases.AlibiBias.default(self.num_heads)
     if self.kind == "existence_bias":  # log p_j of continue probabilities σ(x_j·w + b)
