@@ -347,6 +347,13 @@ class _SameChunkMask(_StaticMask):
     return any_, all_
 
 
+def window_blocks(window: int) -> Mask:
+  """Non-overlapping windows: visible iff query and key fall in the same block of
+  ``window`` positions (block-diagonal, non-causal; ``& CausalMask()`` for causal)."""
+  _check_int("window", window, minimum=1)
+  return _SameChunkMask(window)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkedCausalMask(_StaticMask):
   """Block-diagonal causal: visible iff ``p // chunk == j // chunk`` and ``j <= p``."""

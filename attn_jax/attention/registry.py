@@ -74,6 +74,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.rel_xl",
   "attn_jax.attention.moba",
   "attn_jax.attention.neighborhood",
+  "attn_jax.attention.multi_window",
 )
 INTERFACES = ("qkv", "layer", "pool")
 

@@ -22,6 +22,7 @@ from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
+from attn_jax.attention import multi_window as mw_lib
 from attn_jax.attention import neighborhood as neighborhood_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
@@ -36,6 +37,7 @@ KINDS = (
   "sink_window",
   "moba",
   "gna",
+  "mw_mha",
   "chunked_causal",
   "prefix_lm",
   "segment",
@@ -60,6 +62,7 @@ CAUSAL_ONLY = (
   "periodic_bias",
 )
 DEFAULT_OPTIONS = {
+  "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
   "gna_dilation": 1,
@@ -240,6 +243,24 @@ class Attention(nnx.Module):
         longheads_chunk=int(self.options["chunk"]),
         longheads_top_k=int(self.options["longheads_top_k"]),
         mask=kwargs["mask"],
+        implementation=self.implementation,
+      )
+    elif self.kind == "mw_mha":  # per-head windows; option mw_windows ("" alternates)
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'mw_mha'")
+      text = str(self.options["mw_windows"]).strip()
+      windows = (
+        tuple(int(w) for w in text.split(","))
+        if text
+        else mw_lib.default_windows(self.num_heads, int(self.options["window"]))
+      )
+      out_BTNH = mw_lib.mw_mha(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        windows=windows,
+        causal=self.causal,
+        mask=None if segment_ids_BT is None else masks.SegmentMask(segment_ids_BT, segment_ids_BT),
         implementation=self.implementation,
       )
     elif self.kind == "moba":  # parameter-free block gate; options moba_block, moba_top_k
