@@ -12,6 +12,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import bench_sparse  # noqa: E402
 import diff_attention_maps  # noqa: E402
 import positional_tasks as pt  # noqa: E402
 
@@ -62,3 +63,20 @@ def test_scripts_run_and_write_tables(tmp_path):
   assert set(res) == {"mha", "diff_attn"}
   assert 0 <= res["diff_attn"]["signal_share_best_head"] <= 1
   assert (tmp_path / "dm.png").stat().st_size > 0
+
+
+def test_bench_sparse_runs_and_counts_tiles(tmp_path):
+  rows = bench_sparse.main(
+    [
+      "--ts=256",
+      "--densities=4",
+      "--block=64",
+      "--reps=1",
+      "--patterns=sliding_window,block_sparse",
+      f"--out={tmp_path / 'bs'}",
+    ]
+  )
+  assert [r["pattern"] for r in rows] == ["sliding_window", "block_sparse"]
+  assert all(r["ideal_speedup"] >= 1 and r["fwd_s"] > 0 for r in rows)
+  assert rows[0]["causal_tiles"] == 10  # 4 q blocks: 1 + 2 + 3 + 4 causal tiles
+  assert (tmp_path / "bs.md").exists()
