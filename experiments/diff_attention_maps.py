@@ -10,8 +10,12 @@ as filler), then reads the last layer's maps at the query positions:
 * the map of one test example, query rows against all keys, for the head of each model that
   puts the most weight on the queried pair (``A`` for MHA, ``A_1 − λ A_2`` for diff_attn;
   the latter may be negative, so it is drawn with a diverging scale);
-* over the test set: the share of each row's absolute attention mass that sits on the queried
-  key-value pair (``signal``) and the rest (``noise``), best head and mean over heads.
+* over the test set, per query row: the share of the row's absolute attention mass on the
+  queried pair's positions {2j, 2j + 1, 2j + 2} (``signal``: the key, its value, and the
+  next position, where a previous-token head of the first layer copies the value — which of
+  these a trained model reads depends on the circuit it found), the rest (``noise``), and
+  the share of |A| on the row's 3 largest entries (``top-3 share``, a circuit-free
+  concentration measure); best head and mean over heads.
 
 Model: ``attn_jax.models.decoder_lm.DecoderLM``, 2 layers, d_model 64, 2 heads, learned
 positions, no MLP; AdamW, cross-entropy on the query positions only, fresh examples every
@@ -126,11 +130,16 @@ def pair_positions(inputs, targets, num_pairs):
 
 
 def signal_shares(maps, inputs, targets, num_pairs):
-  """``[N]``: mean over query rows of |A| on the queried pair / |A| of the whole row."""
+  """``([N], [N])``: mean over query rows of |A| on the queried pair's positions
+  {2j, 2j + 1, 2j + 2} / |A| of the row, and of the row's top-3 |A| share."""
   b, t, kpos, vpos = pair_positions(inputs, targets, num_pairs)
   rows = np.abs(maps[b, :, t, :])  # [R, N, S]
-  sig = rows[np.arange(len(b)), :, kpos] + rows[np.arange(len(b)), :, vpos]
-  return (sig / np.maximum(rows.sum(-1), 1e-30)).mean(0)
+  total = np.maximum(rows.sum(-1), 1e-30)
+  r = np.arange(len(b))
+  nxt = np.minimum(vpos + 1, rows.shape[-1] - 1)
+  sig = rows[r, :, kpos] + rows[r, :, vpos] + rows[r, :, nxt]
+  top3 = -np.sort(-rows, axis=-1)[..., :3].sum(-1)
+  return (sig / total).mean(0), (top3 / total).mean(0)
 
 
 def main(argv=None):
@@ -156,12 +165,13 @@ def main(argv=None):
   for kind in KINDS:
     model, info = train(kind, args)
     m = last_layer_maps(model, jnp.asarray(test["inputs"]))
-    shares = signal_shares(m, test["inputs"], test["targets"], args.num_pairs)
+    shares, top3 = signal_shares(m, test["inputs"], test["targets"], args.num_pairs)
     best = int(np.argmax(shares))
     info.update(
       signal_share_best_head=float(shares[best]),
       signal_share_mean_over_heads=float(shares.mean()),
       noise_share_best_head=float(1 - shares[best]),
+      top3_share_best_head=float(top3[best]),
       best_head=best,
       negative_mass_share=float(np.abs(np.minimum(m, 0)).sum() / np.abs(m).sum()),
     )
@@ -178,17 +188,19 @@ def main(argv=None):
     "# Differential vs standard attention maps on toy retrieval (last layer, query rows)\n",
     f"MQAR L={args.seq_len}, {args.num_pairs} pairs, vocab {args.vocab_size}, random "
     f"distractor tokens; 2 layers, d_model {args.d_model}, {args.num_heads} heads, no MLP. "
-    f"Signal share: |attention| on the queried key-value pair / |attention| of the row "
-    f"(mean over {args.num_test} test examples' query rows).\n",
+    "Signal share: |attention| on the queried pair's positions {2j, 2j+1, 2j+2} / "
+    f"|attention| of the row (mean over {args.num_test} test examples' query rows); top-3 "
+    "share: |attention| on the row's 3 largest entries / |attention| of the row.\n",
     f"Command: `{command}`\n",
     "| model | steps | test accuracy | signal share (best head) | noise share (best head) "
-    "| signal share (mean over heads) | negative mass share |",
-    "|---|---|---|---|---|---|---|",
+    "| top-3 share (best head) | signal share (mean over heads) | negative mass share |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for kind, r in results.items():
     lines.append(
       f"| {kind} | {r['steps']} | {r['test_accuracy']:.4f} | {r['signal_share_best_head']:.3f} "
-      f"| {r['noise_share_best_head']:.3f} | {r['signal_share_mean_over_heads']:.3f} "
+      f"| {r['noise_share_best_head']:.3f} | {r['top3_share_best_head']:.3f} "
+      f"| {r['signal_share_mean_over_heads']:.3f} "
       f"| {r['negative_mass_share']:.3f} |"
     )
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -214,6 +226,7 @@ def plot(maps, results, test, args, path):
     )
     ax.scatter(vpos, np.arange(len(rows)), marker="x", color="k", s=12, label="queried value")
     ax.scatter(kpos, np.arange(len(rows)), marker="+", color="k", s=16, label="queried key")
+    ax.scatter(vpos + 1, np.arange(len(rows)), marker="|", color="k", s=16, label="next position")
     label = "A" if kind == "mha" else "A1 - lambda A2"
     ax.set_title(f"{kind} (head {results[kind]['best_head']}): {label}")
     ax.set_xlabel("key position")
@@ -223,7 +236,7 @@ def plot(maps, results, test, args, path):
   shares = [results[k]["signal_share_best_head"] for k in KINDS]
   axes[2].bar(KINDS, shares, color=["tab:gray", "tab:blue"])
   axes[2].set_ylim(0, 1)
-  axes[2].set_title("share of |A| on the queried pair")
+  axes[2].set_title("share of |A| on positions 2j..2j+2")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
