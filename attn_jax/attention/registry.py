@@ -75,6 +75,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.moba",
   "attn_jax.attention.neighborhood",
   "attn_jax.attention.multi_window",
+  "attn_jax.attention.linear",
 )
 INTERFACES = ("qkv", "layer", "pool")
 

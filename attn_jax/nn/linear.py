@@ -1,0 +1,112 @@
+"""Linear-attention layers of the stacks (registry ids ``linear_attn``, ``lightning``,
+``simple_gla``): GQA projections, the scalar-decay recurrence of
+``attn_jax.attention.linear.linear_attention`` (chunked), a per-head RMSNorm of the output
+(our choice for all three: the unnormalised recurrences grow with the length), then the
+output projection.
+
+Decays: ``linear_attn`` none (feature map ``linear_feature_map``, default "elu1", with the
+z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simple_gla``
+g_t = −softplus(x_t W_g + b_g) / ``gla_tau`` per (token, head), b_g initialised so the
+decay starts near 1. Packed documents (segment ids) reset the state. Causal only; positions
+"learned" or "none" (no RoPE). The generic option keys are declared and ignored.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.attention import heads as heads_lib
+from attn_jax.attention import linear as linear_lib
+from attn_jax.nn import attention as attention_lib
+from attn_jax.nn import projected
+
+KINDS = ("linear_attn", "lightning", "simple_gla")
+DEFAULT_OPTIONS = {
+  **attention_lib.DEFAULT_OPTIONS,
+  "linear_feature_map": "elu1",
+  "linear_chunk": 64,
+  "gla_tau": 16.0,
+}
+POSITIONS = ("none", "learned")
+
+
+class LinearAttention(projected.ProjectedAttention):
+  """Scalar-decay linear attention; constructor arguments as
+  ``attn_jax.nn.attention.Attention``."""
+
+  DEFAULT_OPTIONS = DEFAULT_OPTIONS
+
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    v_head_dim: int | None = None,
+    kind: str = "linear_attn",
+    causal: bool = True,
+    positions: str = "none",
+    rope_base: float = 10000.0,
+    rotary_dim: int | None = None,
+    qk_norm: bool = False,
+    options: dict | None = None,
+    implementation: str | None = None,
+    rngs,
+  ):
+    del rope_base, rotary_dim
+    projected.check_kind("LinearAttention", kind, KINDS, positions, POSITIONS)
+    if not causal:
+      raise ValueError(
+        f"attention kind {kind!r} is a causal recurrence; the model is bidirectional"
+      )
+    if qk_norm:
+      raise ValueError(f"attention kind {kind!r} does not take qk_norm=True")
+    options = projected.merge_options(kind, options, self.DEFAULT_OPTIONS)
+    self.kind, self.implementation = kind, implementation
+    self.feature = str(options["linear_feature_map"]) if kind == "linear_attn" else "identity"
+    self.normalize = kind == "linear_attn"
+    self.chunk, self.tau = int(options["linear_chunk"]), float(options["gla_tau"])
+    specs = heads_lib.param_specs(
+      "head_dims",
+      d_model=d_model,
+      num_heads=num_heads,
+      num_kv_heads=num_kv_heads,
+      head_dim=head_dim,
+      v_head_dim=v_head_dim,
+    )
+    N, Hv = specs["w_o"][0][:2]
+    specs["out_norm"] = ((N, Hv), jax.nn.initializers.ones, ("heads", None))
+    if kind == "simple_gla":
+      specs["w_g"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
+      specs["b_g"] = ((N,), jax.nn.initializers.constant(-4.0), ("heads",))
+    self._declare_params(rngs, specs)
+    self.num_heads = N
+
+  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
+    del positions_BT
+    p = self.param_tree()
+    dtype = x_BTD.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["w_q"].astype(dtype))
+    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["w_k"].astype(dtype))
+    v = jnp.einsum("BTD,DKV->BTKV", x_BTD, p["w_v"].astype(dtype))
+    if self.kind == "lightning":
+      g = jnp.asarray(linear_lib.lightning_log_decay(self.num_heads))
+    elif self.kind == "simple_gla":
+      logits = jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_g"]) + p["b_g"]
+      g = -jax.nn.softplus(logits) / self.tau
+    else:
+      g = None
+    o = linear_lib.linear_attention(
+      q,
+      k,
+      v,
+      g,
+      feature_map=self.feature,
+      normalize=self.normalize,
+      segment_ids=segment_ids_BT,
+      chunk_size=self.chunk,
+      implementation=self.implementation,
+    )
+    of = o.astype(jnp.float32)
+    of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6) * p["out_norm"]
+    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype))
