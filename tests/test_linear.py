@@ -126,7 +126,9 @@ def test_decay_limits(rng):
   close(lin.linear_attention(q, k, v, const), lin.linear_attention(q, k, v, fixed), 1e-12)
 
 
-@pytest.mark.parametrize("kind", ["linear_attn", "lightning", "simple_gla"])
+@pytest.mark.parametrize(
+  "kind", ["linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta"]
+)
 def test_nnx_layers_train(rng, kind):
   model = Transformer(
     num_layers=2,

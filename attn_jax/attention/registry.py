@@ -76,6 +76,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.neighborhood",
   "attn_jax.attention.multi_window",
   "attn_jax.attention.linear",
+  "attn_jax.attention.delta",
 )
 INTERFACES = ("qkv", "layer", "pool")
 

@@ -1,8 +1,11 @@
 """Linear-attention layers of the stacks (registry ids ``linear_attn``, ``lightning``,
-``simple_gla``): GQA projections, the scalar-decay recurrence of
-``attn_jax.attention.linear.linear_attention`` (chunked), a per-head RMSNorm of the output
-(our choice for all three: the unnormalised recurrences grow with the length), then the
-output projection.
+``simple_gla``, ``delta_rule``, ``gated_delta``): GQA projections, the recurrence of
+``attn_jax.attention.linear.linear_attention`` or ``attn_jax.attention.delta`` (chunked), a
+per-head RMSNorm of the output (our choice for all: the unnormalised recurrences grow with
+the length), then the output projection.
+
+Delta rules: q and k are L2-normalised per head, β_t = sigmoid(x_t W_β) per (token, head);
+``gated_delta`` adds the decay of ``simple_gla``.
 
 Decays: ``linear_attn`` none (feature map ``linear_feature_map``, default "elu1", with the
 z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simple_gla``
@@ -14,12 +17,13 @@ decay starts near 1. Packed documents (segment ids) reset the state. Causal only
 import jax
 import jax.numpy as jnp
 
+from attn_jax.attention import delta as delta_lib
 from attn_jax.attention import heads as heads_lib
 from attn_jax.attention import linear as linear_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
-KINDS = ("linear_attn", "lightning", "simple_gla")
+KINDS = ("linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta")
 DEFAULT_OPTIONS = {
   **attention_lib.DEFAULT_OPTIONS,
   "linear_feature_map": "elu1",
@@ -76,7 +80,9 @@ class LinearAttention(projected.ProjectedAttention):
     )
     N, Hv = specs["w_o"][0][:2]
     specs["out_norm"] = ((N, Hv), jax.nn.initializers.ones, ("heads", None))
-    if kind == "simple_gla":
+    if kind in ("delta_rule", "gated_delta"):
+      specs["w_beta"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
+    if kind in ("simple_gla", "gated_delta"):
       specs["w_g"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
       specs["b_g"] = ((N,), jax.nn.initializers.constant(-4.0), ("heads",))
     self._declare_params(rngs, specs)
@@ -91,12 +97,32 @@ class LinearAttention(projected.ProjectedAttention):
     v = jnp.einsum("BTD,DKV->BTKV", x_BTD, p["w_v"].astype(dtype))
     if self.kind == "lightning":
       g = jnp.asarray(linear_lib.lightning_log_decay(self.num_heads))
-    elif self.kind == "simple_gla":
+    elif self.kind in ("simple_gla", "gated_delta"):
       logits = jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_g"]) + p["b_g"]
       g = -jax.nn.softplus(logits) / self.tau
     else:
       g = None
-    o = linear_lib.linear_attention(
+    if self.kind in ("delta_rule", "gated_delta"):
+      q, k = (a * jax.lax.rsqrt(jnp.sum(a * a, -1, keepdims=True) + 1e-6) for a in (q, k))
+      beta = jax.nn.sigmoid(jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_beta"]))
+      o = delta_lib.delta_rule_attention(
+        q,
+        k,
+        v,
+        beta,
+        g,
+        segment_ids=segment_ids_BT,
+        chunk_size=self.chunk,
+        implementation=self.implementation,
+      )
+    else:
+      o = self._linear(q, k, v, g, segment_ids_BT)
+    of = o.astype(jnp.float32)
+    of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6) * p["out_norm"]
+    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype))
+
+  def _linear(self, q, k, v, g, segment_ids_BT):
+    return linear_lib.linear_attention(
       q,
       k,
       v,
@@ -107,6 +133,3 @@ class LinearAttention(projected.ProjectedAttention):
       chunk_size=self.chunk,
       implementation=self.implementation,
     )
-    of = o.astype(jnp.float32)
-    of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6) * p["out_norm"]
-    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype))

@@ -1,0 +1,196 @@
+"""The (gated) delta rule (catalog family (g): ``delta_rule``, ``gated_delta``) under the
+linear-op contract of DESIGN.md.
+
+Dimension key: B batch, T length, N heads (K kv heads repeated to N), H key dim, Hv value
+dim, C chunk size.
+
+Per head, with β_t ∈ (0, 1] (``beta [B, T, N]``; up to 2 for negative eigenvalues) and an
+optional decay α_t = exp(g_t) (``log_decay``: None, ``[N]`` or ``[B, T, N]``)::
+
+    S_t = α_t (I − β_t k_t k_tᵀ) S_(t−1) + β_t k_t v_tᵀ        o_t = scale · S_tᵀ q_t
+
+(S: [H, Hv]; α = 1 is ``delta_rule``). Keys are used as given: the layers L2-normalise them
+(the rule is a contraction only for ‖k‖ = 1, β <= 1).
+
+Chunked form (the WY / UT representation), per chunk with γ_t = e^(b_t), b the cumulative
+log decay inside the chunk, and S_0 the entering state::
+
+    A_ts = β_t (k_t·k_s) γ_t/γ_s  (s < t),   T = (I + A)⁻¹ diag(β)     (one triangular solve)
+    W = T (γ ⊙ K),   U = T V,   U' = U − W S_0
+    O = scale · [ (γ ⊙ Q) S_0 + (Q Kᵀ ⊙ Γ ⊙ M) U' ],   Γ_ts = γ_t/γ_s, M: s <= t
+    S_C = γ_C S_0 + (γ_C/γ ⊙ K)ᵀ U'
+
+Every ratio γ_t/γ_s is formed as e^(b_t − b_s) with b_t − b_s <= 0. A document start (a
+segment reset) acts as α = 0 at that token; the chunk form cuts every term across it the way
+``attn_jax.attention.linear`` does (pair terms only within a run, S_0 only before the first
+reset). Implementations: ``"reference"`` (token scan) and ``"xla"`` (chunked, default);
+``mode="recurrent"`` is the token scan for decoding. The Pallas kernel is separate work.
+"""
+
+import typing
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from attn_jax.attention import api as api_lib
+from attn_jax.attention import linear as linear_lib
+from attn_jax.attention import registry
+
+
+def _prepare(q, k, v, beta, log_decay, scale, initial_state, segment_ids):
+  p = linear_lib._prepare(q, k, v, log_decay, scale, "identity", False, initial_state, segment_ids)
+  B, T, N, _ = p.q.shape
+  b = jnp.asarray(beta)
+  if b.shape != (B, T, N) or not jnp.issubdtype(b.dtype, jnp.floating):
+    raise ValueError(f"beta must be a float array [B, T, N] = {(B, T, N)}; got {b.shape}")
+  return p, b.astype(p.q.dtype)
+
+
+def _scan(p, beta):
+  def step(S, xs):
+    q_t, k_t, v_t, g_t, r_t, b_t = xs
+    a = jnp.where(r_t[:, None], 0.0, jnp.exp(g_t))[..., None, None]  # [B, N, 1, 1]
+    kS = jnp.einsum("BNH,BNHV->BNV", k_t, S)
+    S = a * (S - b_t[..., None, None] * k_t[..., :, None] * kS[..., None, :])
+    S = S + b_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
+    return S, jnp.einsum("BNH,BNHV->BNV", q_t, S)
+
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (p.q, p.k, p.v, p.g, p.reset, beta))
+  S, out = jax.lax.scan(step, p.state, xs)
+  return jnp.moveaxis(out, 0, 1), S
+
+
+def _chunked(p, beta, C: int):
+  B, T, N, H = p.q.shape
+  Hv = p.v.shape[-1]
+  nC = -(-T // C)
+  pad = nC * C - T
+
+  def chunks(a, fill=0):
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(a.reshape((B, nC, C) + a.shape[2:]), 1, 0)
+
+  xs = (chunks(p.q), chunks(p.k), chunks(p.v), chunks(p.g), chunks(p.reset, False), chunks(beta))
+  eye = jnp.eye(C, dtype=p.q.dtype)
+  incl = jnp.tril(jnp.ones((C, C), bool))
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+
+  def step(S0, x):
+    q, k, v, g, r, bt = x  # [B, C, N, ·], g and bt [B, C, N], r [B, C]
+    bcum = jnp.cumsum(g, axis=1)
+    c = jnp.cumsum(r.astype(jnp.int32), axis=1)
+    same = c[:, :, None] == c[:, None, :]  # [B, t, s]
+    diff = bcum[:, :, None, :] - bcum[:, None, :, :]  # [B, t, s, N]
+    gam_in = jnp.exp(jnp.where((same & incl)[..., None], diff, -jnp.inf))  # Γ ⊙ M
+    gam_strict = jnp.where(strict[None, :, :, None], gam_in, 0.0)
+    kk = jnp.einsum("BTNH,BSNH->BNTS", k, k)
+    A = bt.transpose(0, 2, 1)[..., :, None] * kk * gam_strict.transpose(0, 3, 1, 2)  # [B,N,t,s]
+    Tm = jax.scipy.linalg.solve_triangular(
+      eye + A, jnp.broadcast_to(eye, A.shape) * bt.transpose(0, 2, 1)[..., None, :], lower=True
+    )  # (I + A)⁻¹ diag(β)
+    start = (c == 0)[:, :, None] * jnp.exp(bcum)  # γ_t where S_0 still reaches t, [B, C, N]
+    W = jnp.einsum("BNTS,BSNH->BTNH", Tm, k * start[..., None])
+    U = jnp.einsum("BNTS,BSNV->BTNV", Tm, v)
+    U = U - jnp.einsum("BTNH,BNHV->BTNV", W, S0)
+    qk = jnp.einsum("BTNH,BSNH->BNTS", q, k) * gam_in.transpose(0, 3, 1, 2)
+    out = jnp.einsum("BTNH,BNHV->BTNV", q * start[..., None], S0)
+    out = out + jnp.einsum("BNTS,BSNV->BTNV", qk, U)
+    last = c[:, -1:]
+    to_end = jnp.exp(jnp.where((c == last)[:, :, None], bcum[:, -1:, :] - bcum, -jnp.inf))
+    keep = jnp.where(last[:, 0] == 0, 1.0, 0.0)[:, None] * jnp.exp(bcum[:, -1])  # [B, N]
+    S = keep[..., None, None] * S0 + jnp.einsum("BSNH,BSNV->BNHV", k * to_end[..., None], U)
+    return S, out
+
+  S, out = jax.lax.scan(step, p.state, xs)
+  return jnp.moveaxis(out, 0, 1).reshape(B, nC * C, N, Hv)[:, :T], S
+
+
+@typing.no_type_check
+def delta_rule_attention(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B T K H"],
+  v: Float[Array, "B T K Hv"],
+  beta: Float[Array, "B T N"],
+  log_decay=None,
+  *,
+  scale: float | None = None,
+  initial_state=None,
+  return_final_state: bool = False,
+  segment_ids: Int[Array, "B T"] | None = None,
+  chunk_size: int = 64,
+  mode: str = "chunk",
+  implementation: str | None = None,
+):
+  """The (gated) delta rule (see the module docstring). Arguments as
+  ``attn_jax.attention.linear.linear_attention`` plus ``beta [B, T, N]``; ``log_decay``
+  None is ``delta_rule``, given it is ``gated_delta``."""
+  if mode not in linear_lib.MODES:
+    raise ValueError(f"mode must be one of {linear_lib.MODES}; got {mode!r}")
+  if implementation is not None and implementation not in linear_lib.IMPLEMENTATIONS:
+    if implementation in api_lib.IMPLEMENTATIONS:
+      raise NotImplementedError(
+        f"delta_rule_attention implementation {implementation!r} is not built: the chunked "
+        "Pallas kernel is separate work; use 'xla' (chunked) or 'reference' (token scan)"
+      )
+    raise ValueError(
+      f"implementation must be one of {linear_lib.IMPLEMENTATIONS}; got {implementation!r}"
+    )
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
+  p, b = _prepare(q, k, v, beta, log_decay, scale, initial_state, segment_ids)
+  if mode == "recurrent" or implementation == "reference":
+    out, S = _scan(p, b)
+  else:
+    out, S = _chunked(p, b, chunk_size)
+  out = out.astype(q.dtype)
+  return (out, S) if return_final_state else out
+
+
+def _unit_keys(key, dims):
+  k = jax.random.normal(key, (dims.B, dims.T, dims.N))
+  return jax.nn.sigmoid(k)
+
+
+def _build_delta(key, dims, causal):
+  del causal
+  return {"beta": _unit_keys(key, dims), "chunk_size": 8}
+
+
+def _build_gated(key, dims, causal):
+  del causal
+  kb, kg = jax.random.split(key)
+  g = -jax.nn.softplus(jax.random.normal(kg, (dims.B, dims.T, dims.N)))
+  return {"beta": _unit_keys(kb, dims), "log_decay": g, "chunk_size": 8}
+
+
+for _id, _paper, _build, _check in (
+  (
+    "delta_rule",
+    "Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+    _build_delta,
+    "The chunk form equals the recurrence. β = 0 leaves the state unchanged. With "
+    "orthonormal keys and β = 1, reading with k_i returns v_i exactly, unlike linear_attn.",
+  ),
+  (
+    "gated_delta",
+    "Gated Delta Networks: Improving Mamba2 with Delta Rule",
+    _build_gated,
+    "α = 1 equals delta_rule, and β = 0 gives pure decay. The chunk form equals the recurrence.",
+  ),
+):
+  registry.register(
+    registry.Mechanism(
+      id=_id,
+      family="g",
+      paper=_paper,
+      entry_point="attn_jax.attention.delta:delta_rule_attention",
+      implementations=linear_lib.IMPLEMENTATIONS,
+      patterns=frozenset((registry.SELF_CAUSAL,)),
+      decode=False,
+      tier=1,
+      check=_check,
+      build=_build,
+      module="attn_jax.nn.linear:LinearAttention",
+    )
+  )
