@@ -121,10 +121,12 @@ def delta_rule_attention(
   chunk_size: int = 64,
   mode: str = "chunk",
   implementation: str | None = None,
+  l2_normalize: bool = False,
 ):
   """The (gated) delta rule (see the module docstring). Arguments as
   ``attn_jax.attention.linear.linear_attention`` plus ``beta [B, T, N]``; ``log_decay``
-  None is ``delta_rule``, given it is ``gated_delta``."""
+  None is ``delta_rule``, given it is ``gated_delta``. ``l2_normalize=True`` divides q and k
+  by their L2 norms per head first (what the layers do)."""
   if mode not in linear_lib.MODES:
     raise ValueError(f"mode must be one of {linear_lib.MODES}; got {mode!r}")
   if implementation is not None and implementation not in linear_lib.IMPLEMENTATIONS:
@@ -138,6 +140,8 @@ def delta_rule_attention(
     )
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
+  if l2_normalize:
+    q, k = (a * jax.lax.rsqrt(jnp.sum(jnp.square(a), -1, keepdims=True) + 1e-6) for a in (q, k))
   p, b = _prepare(q, k, v, beta, log_decay, scale, initial_state, segment_ids)
   if mode == "recurrent" or implementation == "reference":
     out, S = _scan(p, b)
@@ -147,21 +151,21 @@ def delta_rule_attention(
   return (out, S) if return_final_state else out
 
 
-def _unit_keys(key, dims):
+def _betas(key, dims):
   k = jax.random.normal(key, (dims.B, dims.T, dims.N))
   return jax.nn.sigmoid(k)
 
 
 def _build_delta(key, dims, causal):
   del causal
-  return {"beta": _unit_keys(key, dims), "chunk_size": 8}
+  return {"beta": _betas(key, dims), "chunk_size": 8, "l2_normalize": True}
 
 
 def _build_gated(key, dims, causal):
   del causal
   kb, kg = jax.random.split(key)
   g = -jax.nn.softplus(jax.random.normal(kg, (dims.B, dims.T, dims.N)))
-  return {"beta": _unit_keys(kb, dims), "log_decay": g, "chunk_size": 8}
+  return {"beta": _betas(kb, dims), "log_decay": g, "chunk_size": 8, "l2_normalize": True}
 
 
 for _id, _paper, _build, _check in (

@@ -103,7 +103,6 @@ class LinearAttention(projected.ProjectedAttention):
     else:
       g = None
     if self.kind in ("delta_rule", "gated_delta"):
-      q, k = (a * jax.lax.rsqrt(jnp.sum(a * a, -1, keepdims=True) + 1e-6) for a in (q, k))
       beta = jax.nn.sigmoid(jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_beta"]))
       o = delta_lib.delta_rule_attention(
         q,
@@ -114,6 +113,7 @@ class LinearAttention(projected.ProjectedAttention):
         segment_ids=segment_ids_BT,
         chunk_size=self.chunk,
         implementation=self.implementation,
+        l2_normalize=True,
       )
     else:
       o = self._linear(q, k, v, g, segment_ids_BT)
