@@ -117,6 +117,49 @@ def test_carried_state_decode_and_packing(rng):
   close(la(q, k, v, g, segment_ids=ids, implementation="reference"), packed, 1e-9)
 
 
+@pytest.mark.parametrize("strong", [False, True])
+def test_per_dimension_gates(rng, strong):
+  q, k, v, _ = inputs(rng, T=45)
+  kg = jax.random.fold_in(rng, 4)
+  g = -(
+    10.0 * jax.random.uniform(kg, (2, 45, 4, 8))
+    if strong
+    else jax.nn.softplus(normal(kg, (2, 45, 4, 8), jnp.float64))
+  )
+  scan, S1 = lin.linear_attention(q, k, v, g, implementation="reference", return_final_state=True)
+  chunk, S2 = lin.linear_attention(q, k, v, g, chunk_size=16, return_final_state=True)
+  close(chunk, scan, 1e-9)
+  close(S2, S1, 1e-9)
+  close(lin.materialised(q, k, v, g), scan, 1e-9)
+  # Equal gates across the key dimensions reproduce the scalar gate.
+  g1 = g[..., :1]
+  close(
+    lin.linear_attention(q, k, v, jnp.broadcast_to(g1, g.shape), chunk_size=16),
+    lin.linear_attention(q, k, v, g1[..., 0], chunk_size=16),
+    1e-9,
+  )
+
+
+def test_taylor_features_and_based_chunk(rng):
+  x, y = (
+    normal(rng, (2, 5, 3, 6), jnp.float64),
+    normal(jax.random.fold_in(rng, 1), (2, 5, 3, 6), jnp.float64),
+  )
+  dot = jnp.sum(x * y, -1)
+  close(
+    jnp.sum(lin.feature_map(x, "taylor") * lin.feature_map(y, "taylor"), -1),
+    1 + dot + dot**2 / 2,
+    1e-12,
+  )
+  q, k, v, _ = inputs(rng, T=40)
+  kw = dict(feature_map="taylor", normalize=True)
+  close(
+    lin.linear_attention(q, k, v, chunk_size=16, **kw),
+    lin.linear_attention(q, k, v, implementation="reference", **kw),
+    1e-9,
+  )
+
+
 def test_decay_limits(rng):
   q, k, v, _ = inputs(rng, T=30)
   ones = jnp.zeros((4,), jnp.float64)  # λ = 1
@@ -127,7 +170,7 @@ def test_decay_limits(rng):
 
 
 @pytest.mark.parametrize(
-  "kind", ["linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta"]
+  "kind", ["linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta", "gla", "based"]
 )
 def test_nnx_layers_train(rng, kind):
   model = Transformer(

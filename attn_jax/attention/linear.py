@@ -44,7 +44,7 @@ from jaxtyping import Array, Float, Int
 from attn_jax.attention import api as api_lib
 from attn_jax.attention import registry
 
-FEATURE_MAPS = ("identity", "elu1", "relu", "softmax")
+FEATURE_MAPS = ("identity", "elu1", "relu", "softmax", "taylor")
 MODES = ("chunk", "recurrent")
 IMPLEMENTATIONS = ("reference", "xla")
 
@@ -59,6 +59,9 @@ def feature_map(x, kind: str):
     return jax.nn.relu(x)
   if kind == "softmax":
     return jax.nn.softmax(x, axis=-1)
+  if kind == "taylor":  # [1, x, vec(x xᵀ)/√2]: φ(q)·φ(k) = 1 + q·k + (q·k)²/2 (Based)
+    outer = (x[..., :, None] * x[..., None, :]).reshape(x.shape[:-1] + (-1,)) * 2**-0.5
+    return jnp.concatenate([jnp.ones(x.shape[:-1] + (1,), x.dtype), x, outer], axis=-1)
   raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {kind!r}")
 
 
@@ -66,7 +69,7 @@ class _Prepared(typing.NamedTuple):
   q: Array  # [B, T, N, H] float32, φ applied
   k: Array  # [B, T, N, H]
   v: Array  # [B, T, N, Hv'] (ones column appended when normalising)
-  g: Array  # [B, T, N] log decay (0 where none)
+  g: Array  # [B, T, N] log decay (0 where none), or [B, T, N, H] per key dimension
   reset: Array  # [B, T] bool: a document starts here (the state is zeroed first)
   state: Array  # [B, N, H, Hv'] float32
 
@@ -94,15 +97,20 @@ def _prepare(q, k, v, log_decay, scale, feature, normalize, initial_state, segme
     vf = jnp.concatenate([vf, jnp.ones(vf.shape[:3] + (1,), f32)], axis=-1)
   if K != N:
     kf, vf = jnp.repeat(kf, N // K, axis=2), jnp.repeat(vf, N // K, axis=2)
+  Hf = qf.shape[-1]
   if log_decay is None:
     g = jnp.zeros((B, T, N), f32)
   else:
     g = jnp.asarray(log_decay).astype(f32)
     if g.shape == (N,):
       g = jnp.broadcast_to(g, (B, T, N))
-    elif g.shape != (B, T, N):
-      raise ValueError(f"log_decay must be [N={N}] or [B, T, N] = {(B, T, N)}; got {g.shape}")
+    elif g.shape not in ((B, T, N), (B, T, N, Hf)):
+      raise ValueError(
+        f"log_decay must be [N={N}], [B, T, N] = {(B, T, N)} or per key dimension "
+        f"[B, T, N, H] = {(B, T, N, Hf)}; got {g.shape}"
+      )
   Hv = vf.shape[-1]
+  H = Hf
   if initial_state is None:
     state = jnp.zeros((B, N, H, Hv), f32)
   else:
@@ -126,8 +134,9 @@ def _scan(p: _Prepared):
   """The token-by-token oracle: (out [B, T, N, Hv'], final state)."""
 
   def step(S, xs):
-    q_t, k_t, v_t, g_t, r_t = xs  # [B, N, H], [B, N, H], [B, N, Hv], [B, N], [B]
-    keep = jnp.where(r_t[:, None], 0.0, jnp.exp(g_t))[..., None, None]
+    q_t, k_t, v_t, g_t, r_t = xs  # [B, N, H], [B, N, H], [B, N, Hv], [B, N(, H)], [B]
+    a = jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]
+    keep = jnp.where(r_t[:, None, None, None], 0.0, a)
     S = keep * S + k_t[..., :, None] * v_t[..., None, :]
     return S, jnp.einsum("BNH,BNHV->BNV", q_t, S)
 
@@ -149,8 +158,12 @@ def _chunked(p: _Prepared, C: int):
   xs = (chunks(p.q), chunks(p.k), chunks(p.v), chunks(p.g), chunks(p.reset, False))
   tri = jnp.tril(jnp.ones((C, C), bool))
 
+  per_dim = p.g.ndim == 4
+
   def step(S0, x):
-    q, k, v, g, r = x  # [B, C, N, H], [B, C, N, H], [B, C, N, Hv], [B, C, N], [B, C]
+    q, k, v, g, r = x  # [B, C, N, H], [B, C, N, H], [B, C, N, Hv], [B, C, N(, H)], [B, C]
+    if per_dim:
+      return _per_dim_step(S0, q, k, v, g, r, tri)
     b = jnp.cumsum(g, axis=1)  # [B, C, N]
     c = jnp.cumsum(r.astype(jnp.int32), axis=1)  # resets so far in the chunk, [B, C]
     same = (c[:, :, None] == c[:, None, :]) & tri  # [B, C(t), C(s)]
@@ -170,6 +183,24 @@ def _chunked(p: _Prepared, C: int):
   S, out = jax.lax.scan(step, p.state, xs)
   out = jnp.moveaxis(out, 0, 1).reshape(B, nC * C, N, Hv)[:, :T]
   return out, S
+
+
+def _per_dim_step(S0, q, k, v, g, r, tri):
+  """One chunk with per-key-dimension decays (GLA): the pairwise decays are [t, s, N, H]."""
+  b = jnp.cumsum(g, axis=1)  # [B, C, N, H]
+  c = jnp.cumsum(r.astype(jnp.int32), axis=1)
+  same = (c[:, :, None] == c[:, None, :]) & tri  # [B, t, s]
+  diff = b[:, :, None] - b[:, None]  # [B, t, s, N, H]
+  decay = jnp.exp(jnp.where(same[..., None, None], diff, -jnp.inf))
+  a = jnp.einsum("BTNH,BSNH,BTSNH->BTSN", q, k, decay)
+  intra = jnp.einsum("BTSN,BSNV->BTNV", a, v)
+  carry_in = (c == 0)[:, :, None, None] * jnp.exp(b)  # [B, C, N, H]
+  inter = jnp.einsum("BTNH,BNHV->BTNV", q * carry_in, S0)
+  last = c[:, -1:]
+  to_end = jnp.where((c == last)[:, :, None, None], b[:, -1:] - b, -jnp.inf)
+  S_new = jnp.einsum("BSNH,BSNV->BNHV", k * jnp.exp(to_end), v)
+  keep = jnp.where(last[:, 0] == 0, 1.0, 0.0)[:, None, None] * jnp.exp(b[:, -1])  # [B, N, H]
+  return keep[..., None] * S0 + S_new, intra + inter
 
 
 @typing.no_type_check
@@ -193,7 +224,8 @@ def linear_attention(
 
   Args:
     q, k, v: ``[B, T, N, H]``, ``[B, T, K, H]``, ``[B, T, K, Hv]`` (N % K == 0).
-    log_decay: g <= 0: None, ``[N]`` (fixed per head) or ``[B, T, N]`` (per token).
+    log_decay: g <= 0: None, ``[N]`` (fixed per head), ``[B, T, N]`` (per token) or
+      ``[B, T, N, H]`` (per token and key dimension: ``gla``; H after the feature map).
     scale: multiplies φ(q) (default H^-1/2).
     feature_map: "identity", "elu1", "relu" or "softmax".
     normalize: divide by z_tᵀ φ(q_t) (the state gets one extra value column).
@@ -236,11 +268,12 @@ def materialised(q, k, v, log_decay=None, *, scale=None, feature_map="identity",
   """The quadratic form (φ(Q)·φ(K)ᵀ ⊙ D)·V with D_ts = e^(b_t − b_s) for s <= t (b the
   cumulative log decay over the whole sequence): an independent check of both forms."""
   p = _prepare(q, k, v, log_decay, scale, feature_map, normalize, None, None)
-  b = jnp.cumsum(p.g, axis=1)
+  g = p.g if p.g.ndim == 4 else jnp.broadcast_to(p.g[..., None], p.q.shape)
+  b = jnp.cumsum(g, axis=1)  # [B, T, N, H]
   T = q.shape[1]
   tri = jnp.tril(jnp.ones((T, T), bool))
-  d = jnp.exp(jnp.where(tri[None, :, :, None], b[:, :, None] - b[:, None], -jnp.inf))
-  out = jnp.einsum("BTNH,BSNH,BTSN,BSNV->BTNV", p.q, p.k, d, p.v)
+  d = jnp.exp(jnp.where(tri[None, :, :, None, None], b[:, :, None] - b[:, None], -jnp.inf))
+  out = jnp.einsum("BTNH,BSNH,BTSNH,BSNV->BTNV", p.q, p.k, d, p.v)
   if normalize:
     out = out[..., :-1] / out[..., -1:]
   return out
@@ -268,6 +301,17 @@ def _build_gla(key, dims, causal):
   return {"log_decay": g, "chunk_size": 8}
 
 
+def _build_gla_dims(key, dims, causal):
+  del causal
+  g = -jax.nn.softplus(jax.random.normal(key, (dims.B, dims.T, dims.N, dims.H)))
+  return {"log_decay": g, "chunk_size": 8}
+
+
+def _build_based(key, dims, causal):
+  del key, dims, causal
+  return {"feature_map": "taylor", "normalize": True, "chunk_size": 8}
+
+
 _ENTRY = "attn_jax.attention.linear:linear_attention"
 for _id, _paper, _build, _check in (
   (
@@ -292,6 +336,20 @@ for _id, _paper, _build, _check in (
     "A constant g equals lightning, and g = 0 equals linear_attn. The chunk form equals the "
     "recurrence even under strong gates (g ≈ −10).",
   ),
+  (
+    "gla",
+    "Gated Linear Attention Transformers with Hardware-Efficient Training",
+    _build_gla_dims,
+    "Gates equal across dimensions reproduce simple_gla. The chunk form (pairwise per-"
+    "dimension decays inside a chunk) equals the recurrence.",
+  ),
+  (
+    "based",
+    "Simple linear attention language models balance the recall-throughput tradeoff",
+    _build_based,
+    "φ(q)·φ(k) equals 1 + q·k + (q·k)²/2 exactly (second-order Taylor feature map). The "
+    "chunk form equals the recurrence.",
+  ),
 ):
   registry.register(
     registry.Mechanism(
@@ -302,7 +360,7 @@ for _id, _paper, _build, _check in (
       implementations=IMPLEMENTATIONS,
       patterns=frozenset((registry.SELF_CAUSAL,)),
       decode=False,
-      tier=1,
+      tier=1 if _id in ("linear_attn", "lightning", "simple_gla") else 2,
       check=_check,
       build=_build,
       module="attn_jax.nn.linear:LinearAttention",

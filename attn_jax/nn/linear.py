@@ -5,7 +5,11 @@ per-head RMSNorm of the output (our choice for all: the unnormalised recurrences
 the length), then the output projection.
 
 Delta rules: q and k are L2-normalised per head, β_t = sigmoid(x_t W_β) per (token, head);
-``gated_delta`` adds the decay of ``simple_gla``.
+``gated_delta`` adds the decay of ``simple_gla``. ``gla``: per key-dimension gates
+g = −softplus(x W_1 W_2 + b) / ``gla_tau`` from a rank-``gla_rank`` projection. ``based``:
+q and k projected to ``based_dim`` features, the Taylor map [1, x, vec(x xᵀ)/√2] and the z
+normaliser (the short convolutions and sliding-window layers of the Based model are
+separate layers of a hybrid schedule).
 
 Decays: ``linear_attn`` none (feature map ``linear_feature_map``, default "elu1", with the
 z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simple_gla``
@@ -23,12 +27,14 @@ from attn_jax.attention import linear as linear_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
-KINDS = ("linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta")
+KINDS = ("linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta", "gla", "based")
 DEFAULT_OPTIONS = {
   **attention_lib.DEFAULT_OPTIONS,
   "linear_feature_map": "elu1",
   "linear_chunk": 64,
   "gla_tau": 16.0,
+  "gla_rank": 16,
+  "based_dim": 16,
 }
 POSITIONS = ("none", "learned")
 
@@ -67,19 +73,27 @@ class LinearAttention(projected.ProjectedAttention):
       raise ValueError(f"attention kind {kind!r} does not take qk_norm=True")
     options = projected.merge_options(kind, options, self.DEFAULT_OPTIONS)
     self.kind, self.implementation = kind, implementation
-    self.feature = str(options["linear_feature_map"]) if kind == "linear_attn" else "identity"
-    self.normalize = kind == "linear_attn"
+    self.feature = {"linear_attn": str(options["linear_feature_map"]), "based": "taylor"}.get(
+      kind, "identity"
+    )
+    self.normalize = kind in ("linear_attn", "based")
     self.chunk, self.tau = int(options["linear_chunk"]), float(options["gla_tau"])
+    width = d_model // num_heads if head_dim is None else head_dim
     specs = heads_lib.param_specs(
       "head_dims",
       d_model=d_model,
       num_heads=num_heads,
       num_kv_heads=num_kv_heads,
-      head_dim=head_dim,
-      v_head_dim=v_head_dim,
+      head_dim=int(options["based_dim"]) if kind == "based" else head_dim,
+      v_head_dim=width if kind == "based" and v_head_dim is None else v_head_dim,
     )
     N, Hv = specs["w_o"][0][:2]
     specs["out_norm"] = ((N, Hv), jax.nn.initializers.ones, ("heads", None))
+    if kind == "gla":
+      H, R = specs["w_q"][0][2], int(options["gla_rank"])
+      specs["w_g1"] = ((d_model, R), heads_lib._fan_in(d_model), ("embed", None))
+      specs["w_g2"] = ((R, N, H), heads_lib._fan_in(R), (None, "heads", None))
+      specs["b_g"] = ((N, H), jax.nn.initializers.constant(-4.0), ("heads", None))
     if kind in ("delta_rule", "gated_delta"):
       specs["w_beta"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
     if kind in ("simple_gla", "gated_delta"):
@@ -99,6 +113,10 @@ class LinearAttention(projected.ProjectedAttention):
       g = jnp.asarray(linear_lib.lightning_log_decay(self.num_heads))
     elif self.kind in ("simple_gla", "gated_delta"):
       logits = jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_g"]) + p["b_g"]
+      g = -jax.nn.softplus(logits) / self.tau
+    elif self.kind == "gla":
+      low = jnp.einsum("BTD,DR->BTR", x_BTD.astype(jnp.float32), p["w_g1"])
+      logits = jnp.einsum("BTR,RNH->BTNH", low, p["w_g2"]) + p["b_g"]
       g = -jax.nn.softplus(logits) / self.tau
     else:
       g = None
