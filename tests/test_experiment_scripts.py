@@ -1,6 +1,6 @@
 """Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
-brute force, the out-of-distribution range rule, and two-step smoke runs of
-positional_tasks.py and diff_attention_maps.py that write their tables."""
+brute force, the out-of-distribution range rule, a smoke run of bench_sparse.py, and (slow)
+two-step smoke runs of positional_tasks.py and diff_attention_maps.py."""
 
 import itertools
 import json
@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -42,6 +43,7 @@ def test_ranges_and_splits():
   assert np.all(np.abs(x) <= 2)
 
 
+@pytest.mark.slow  # trains six small models (~30 s); make test-slow
 def test_scripts_run_and_write_tables(tmp_path):
   rows = pt.main(
     [
