@@ -4,8 +4,10 @@ Kernels depend only on jax. A caller describes the mask to a kernel with three t
 
   * ``block_kinds(block_q, block_kv)``: a callable returning int8 ``[nQ, nK]`` (shared by the
     batch) or ``[B, nQ, nK]`` with EMPTY=0 / PARTIAL=1 / FULL=2 per (q block, kv block), for
-    the tile sizes the kernel chose. numpy (static) or jax (possibly traced) arrays. It may
-    over-approximate (call a block PARTIAL that is EMPTY or FULL) but never under-approximate.
+    the tile sizes the kernel chose, or ``[B, Hs, nQ, nK]`` with a list per head (Hs = K kv
+    heads or N query heads; block-sparse attention). numpy (static) or jax (possibly traced)
+    arrays. It may over-approximate (call a block PARTIAL that is EMPTY or FULL) but never
+    under-approximate.
   * ``mask_fn(q_idx, kv_idx, q_vals, kv_vals)``: a static predicate evaluated inside the
     kernel on PARTIAL tiles. ``q_idx`` int32 ``[bq, 1]`` and ``kv_idx`` int32 ``[1, bk]`` are
     absolute token indices (query i, key j; no offset applied), ``q_vals`` a tuple of int32
@@ -14,7 +16,7 @@ Kernels depend only on jax. A caller describes the mask to a kernel with three t
   * ``q_operands`` int32 ``[B, T, Cq]`` and ``kv_operands`` int32 ``[B, Ck, S]``: per-token
     data the predicate reads (segment ids, ...), or None.
 
-Dimension key: B batch, nQ / nK q / kv block counts, M longest list.
+Dimension key: B batch, Hs list heads, nQ / nK q / kv block counts, M longest list.
 """
 
 import jax.numpy as jnp
@@ -40,18 +42,33 @@ def pad_axis(x, axis: int, length: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def finalize_kinds(kinds, batch: int, kv_len: int, block_kv: int):
-  """Kinds as ``[Bl, nQ, nK]`` (Bl = 1 or B), the ragged last kv block demoted to PARTIAL.
+def finalize_kinds(kinds, batch: int, kv_len: int, block_kv: int, heads=None):
+  """Kinds as ``[Bl, Hl, nQ, nK]``, the ragged last kv block demoted to PARTIAL.
 
-  A kv tail padded up to a whole block must be masked, so a FULL last block becomes PARTIAL.
+  Accepts ``[nQ, nK]``, ``[B, nQ, nK]`` (shared by the heads) and ``[B, Hs, nQ, nK]`` (per
+  head: ``heads = (N, K)`` and Hs one of 1, K (kv heads) or N (query heads)). Bl is 1 (shared
+  by the batch) or B. A kv tail padded up to a whole block must be masked, so a FULL last
+  block becomes PARTIAL.
   """
   if kinds is None:
     raise ValueError("block_kinds returned None; it must return an int8 [nQ, nK] array")
   xp = np if isinstance(kinds, np.ndarray) else jnp
   if kinds.ndim == 2:
     kinds = kinds[None]
+  if kinds.ndim == 3:
+    kinds = kinds[:, None]
+  if kinds.ndim != 4:
+    raise ValueError(
+      f"block kinds must be [nQ, nK], [B, nQ, nK] or [B, Hs, nQ, nK]; got {kinds.shape}"
+    )
   if kinds.shape[0] not in (1, batch):
     raise ValueError(f"block kinds must have a batch dim of 1 or B={batch}; got {kinds.shape}")
+  allowed = (1,) if heads is None else (1, *heads)
+  if kinds.shape[1] not in allowed:
+    raise ValueError(
+      f"block kinds must have a head dim of 1, K or N {tuple(sorted(set(allowed)))}; got "
+      f"{kinds.shape}"
+    )
   if kv_len % block_kv:
     if xp is np:
       kinds = kinds.copy()
@@ -59,6 +76,15 @@ def finalize_kinds(kinds, batch: int, kv_len: int, block_kv: int):
     else:
       kinds = kinds.at[..., -1].min(PARTIAL)
   return kinds.astype(xp.int8)
+
+
+def list_head(n, list_heads: int, num_heads: int, num_kv_heads: int):
+  """The list row of query head ``n`` when the lists have ``list_heads`` heads (1, K or N)."""
+  if list_heads == num_heads:
+    return n
+  if list_heads == 1:
+    return 0 * n
+  return n // (num_heads // num_kv_heads)
 
 
 def compact(kinds):

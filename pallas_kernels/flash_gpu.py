@@ -131,6 +131,7 @@ class _Config:
   mask_fn: Callable | None
   mask_mode: str  # "none" (no PARTIAL tile), "all" (no FULL tile) or "cond"
   lists_batched: bool
+  list_heads: int  # 1 (lists shared by the heads), K (per kv head) or N (per query head)
   bias_full: tuple[bool, bool, bool, bool] | None  # per [B, N, T, S]: full (not 1)
   has_sinks: bool
   num_q_ops: int
@@ -198,6 +199,15 @@ def _masked(cfg, s, is_full, q_idx, kv_start, q_vals, kv_vals):
   return lax.cond(is_full != 0, lambda s: s, apply, s)
 
 
+def _list_head(cfg, n):
+  """The list head of query head n (lists shared, per kv head or per query head)."""
+  if cfg.list_heads == cfg.N:
+    return n
+  if cfg.list_heads == 1:
+    return jnp.int32(0)
+  return n // cfg.G
+
+
 def _safe(x):
   """-inf (an empty running max or lse) → 0 so that exp(-inf - x) = 0, never NaN."""
   return jnp.where(x == -jnp.inf, 0.0, x)
@@ -238,12 +248,13 @@ def _fwd_kernel(*refs, cfg):
   bias_ref, sinks_ref, qops_ref, kvops_ref = (r.get(n) for n in ("bias", "sinks", "qops", "kvops"))
   qi, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bl = b if cfg.lists_batched else 0
+  hl = _list_head(cfg, n)
   bq, bk = cfg.bq, cfg.bk
 
   q_qH = q_ref[...]
   q_idx = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_vals = tuple(qops_ref[c, :][:, None] for c in range(cfg.num_q_ops))
-  count = count_ref[bl, qi]
+  count = count_ref[bl, hl, qi]
 
   if cfg.has_sinks:
     m0 = jnp.full((bq,), sinks_ref[n], jnp.float32)
@@ -255,14 +266,14 @@ def _fwd_kernel(*refs, cfg):
 
   def body(j, carry):
     acc, m, l, visits = carry
-    kb = index_ref[bl, qi, j]
+    kb = index_ref[bl, hl, qi, j]
     start = pl.multiple_of(kb * bk, bk)
     cols = pl.ds(start, bk)
     _, s = _logits(cfg, q_qH, k_ref[cols, :])
     if has_bias:
       s = s + _bias_tile(cfg, bias_ref, slice(None), cols)
     kv_vals = tuple(kvops_ref[c, cols][None, :] for c in range(cfg.num_kv_ops))
-    s = _masked(cfg, s, full_ref[bl, qi, j], q_idx, start, q_vals, kv_vals)
+    s = _masked(cfg, s, full_ref[bl, hl, qi, j], q_idx, start, q_vals, kv_vals)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = _safe(m_new)
     alpha = jnp.exp(m - m_safe)
@@ -357,8 +368,9 @@ def _dq_kernel(*refs, cfg):
     r[name] for name in ("count", "index", "full", "q", "k", "v", "do", "lse", "delta")
   )
   bias_ref, qops_ref, kvops_ref, dbias_ref = (r.get(n) for n in ("bias", "qops", "kvops", "dbias"))
-  qi, b = pl.program_id(0), pl.program_id(1)
+  qi, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bl = b if cfg.lists_batched else 0
+  hl = _list_head(cfg, n)
   bq, bk = cfg.bq, cfg.bk
   full_t, full_s = (cfg.bias_full[2], cfg.bias_full[3]) if has_bias else (True, True)
 
@@ -368,11 +380,11 @@ def _dq_kernel(*refs, cfg):
   delta = delta_ref[...][:, None]
   q_idx = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_vals = tuple(qops_ref[c, :][:, None] for c in range(cfg.num_q_ops))
-  count = count_ref[bl, qi]
+  count = count_ref[bl, hl, qi]
 
   def body(j, carry):
     dq, dbias_acc = carry
-    kb = index_ref[bl, qi, j]
+    kb = index_ref[bl, hl, qi, j]
     start = pl.multiple_of(kb * bk, bk)
     cols = pl.ds(start, bk)
     k_kH = k_ref[cols, :]
@@ -380,7 +392,7 @@ def _dq_kernel(*refs, cfg):
     if has_bias:
       s = s + _bias_tile(cfg, bias_ref, slice(None), cols)
     kv_vals = tuple(kvops_ref[c, cols][None, :] for c in range(cfg.num_kv_ops))
-    s = _masked(cfg, s, full_ref[bl, qi, j], q_idx, start, q_vals, kv_vals)
+    s = _masked(cfg, s, full_ref[bl, hl, qi, j], q_idx, start, q_vals, kv_vals)
     p = jnp.exp(s - lse)
     dp = pl_triton.dot(do_qV, v_ref[cols, :], trans_b=True, precision=cfg.precision)
     ds = p * (dp - delta)  # d loss / d (logit after softcap and bias)
@@ -415,7 +427,7 @@ def _dkdv_kernel(*refs, cfg):
     r[name] for name in ("count", "index", "full", "q", "k", "v", "do", "lse", "delta")
   )
   bias_ref, qops_ref, kvops_ref = (r.get(n) for n in ("bias", "qops", "kvops"))
-  kb, b = pl.program_id(0), pl.program_id(1)
+  kb, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bl = b if cfg.lists_batched else 0
   bq, bk = cfg.bq, cfg.bk
   bias_heads = has_bias and cfg.bias_full[1]
@@ -424,12 +436,13 @@ def _dkdv_kernel(*refs, cfg):
   v_kV = v_ref[...]
   kv_start = kb * bk
   kv_vals = tuple(kvops_ref[c, :][None, :] for c in range(cfg.num_kv_ops))
-  count = count_ref[bl, kb]
 
   def head(g, carry):
+    hl = _list_head(cfg, kh * cfg.G + g)
+
     def body(j, carry):
       dk, dv = carry
-      qb = index_ref[bl, kb, j]
+      qb = index_ref[bl, hl, kb, j]
       start = pl.multiple_of(qb * bq, bq)
       rows = pl.ds(start, bq)
       q_qH = q_ref[rows, g, :]
@@ -439,7 +452,7 @@ def _dkdv_kernel(*refs, cfg):
         s = s + _bias_tile(cfg, bias_ref, rows, slice(None), lead)
       q_idx = start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
       q_vals = tuple(qops_ref[c, rows][:, None] for c in range(cfg.num_q_ops))
-      s = _masked(cfg, s, full_ref[bl, kb, j], q_idx, kv_start, q_vals, kv_vals)
+      s = _masked(cfg, s, full_ref[bl, hl, kb, j], q_idx, kv_start, q_vals, kv_vals)
       p = jnp.exp(s - _safe(lse_ref[g, rows])[:, None])
       do_qV = do_ref[rows, g, :]
       dv = dv + pl_triton.dot(p.astype(do_qV.dtype), do_qV, trans_a=True, precision=cfg.precision)
@@ -450,7 +463,7 @@ def _dkdv_kernel(*refs, cfg):
       dk = dk + pl_triton.dot(ds.astype(q_qH.dtype), q_qH, trans_a=True, precision=cfg.precision)
       return dk, dv
 
-    return lax.fori_loop(jnp.int32(0), count, body, carry)
+    return lax.fori_loop(jnp.int32(0), count_ref[bl, hl, kb], body, carry)
 
   dk0 = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
   dv0 = jnp.zeros((bk, v_ref.shape[-1]), jnp.float32)
@@ -706,8 +719,9 @@ def flash_attention(
   Args:
     q, k, v: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``, one float dtype
       (float32, bfloat16, float16); N % K == 0 (query head n reads kv head n // (N // K)).
-    block_kinds: ``(block_q, block_kv) -> int8 [nQ, nK] or [B, nQ, nK]`` EMPTY / PARTIAL /
-      FULL per tile (``_blocks``), or None: every tile FULL (PARTIAL when ``mask_fn`` is
+    block_kinds: ``(block_q, block_kv) -> int8 [nQ, nK], [B, nQ, nK] or [B, Hs, nQ, nK]``
+      (Hs = K or N: a list per kv / query head) EMPTY / PARTIAL / FULL per tile
+      (``_blocks``), or None: every tile FULL (PARTIAL when ``mask_fn`` is
       given, so a predicate is never ignored).
     mask_fn: ``(q_idx [bq,1], kv_idx [1,bk], q_vals, kv_vals) -> bool [bq, bk]`` evaluated on
       PARTIAL tiles only (absolute indices), or None.
@@ -741,12 +755,13 @@ def flash_attention(
     kinds = np.full((nQ, nK), _blocks.FULL if mask_fn is None else _blocks.PARTIAL, np.int8)
   else:
     kinds = block_kinds(bq, bk)
-    if kinds is None or jnp.shape(kinds) not in ((nQ, nK), (1, nQ, nK), (B, nQ, nK)):
+    shape = None if kinds is None else jnp.shape(kinds)
+    if shape is None or len(shape) not in (2, 3, 4) or shape[-2:] != (nQ, nK):
       raise ValueError(
-        f"block_kinds({bq}, {bk}) must return [nQ, nK] = [{nQ}, {nK}] or [B, nQ, nK]; "
-        f"got {None if kinds is None else jnp.shape(kinds)}"
+        f"block_kinds({bq}, {bk}) must return [nQ, nK] = [{nQ}, {nK}], [B, nQ, nK] or "
+        f"[B, Hs, nQ, nK]; got {shape}"
       )
-  kinds = _blocks.finalize_kinds(kinds, B, S, bk)
+  kinds = _blocks.finalize_kinds(kinds, B, S, bk, heads=(N, K))
   if isinstance(kinds, np.ndarray):
     has_partial = bool((kinds == _blocks.PARTIAL).any())
     has_full = bool((kinds == _blocks.FULL).any())
@@ -777,6 +792,7 @@ def flash_attention(
     mask_fn=mask_fn,
     mask_mode=mask_mode,
     lists_batched=lists_f[0].shape[0] > 1,
+    list_heads=int(kinds.shape[1]),
     bias_full=bias_full,
     has_sinks=sinks is not None,
     num_q_ops=0 if q_operands is None else q_operands.shape[-1],

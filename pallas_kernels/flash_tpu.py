@@ -3,7 +3,8 @@
 Dimension key: B batch, T query length, S key/value length, N query heads, K kv heads,
 G = N // K query heads per kv head, H q/k head dim, Hv value head dim; Hp / Hvp head dims
 padded to 128 lanes, Tp / Sp lengths padded to whole blocks; bq / bk tile sizes, nQ / nK block
-counts, M (Mq) the longest compacted kv (q) block list; Bl = 1 (lists shared by the batch) or B.
+counts, M (Mq) the longest compacted kv (q) block list; Bl = 1 (lists shared by the batch) or B,
+Hl = 1 (lists shared by the heads), K (per kv head) or N (per query head).
 
 How it works:
   * Layout. The wrapper moves heads before tokens (q ``[B, N, Tp, Hp]``, k ``[B, K, Sp, Hp]``,
@@ -118,6 +119,7 @@ class _Config(NamedTuple):
   M: int  # forward list width
   Mq: int  # transposed list width
   batched: int  # 1 when the lists have a batch dim B, 0 when shared
+  heads: int  # list heads Hl: 1 (shared by the heads), K (per kv head) or N (per query head)
   scale: float
   softcap: float | None
   bias_shape: tuple[int, int, int, int] | None  # the caller's (bB, bN, bT, bS)
@@ -153,7 +155,8 @@ def flash_attention(
     q, k, v: ``[B, T, N, H]``, ``[B, S, K, H]``, ``[B, S, K, Hv]``, one float dtype
       (float32 or bfloat16); N % K == 0 (query head n reads kv head n // (N // K)).
     block_kinds, mask_fn, q_operands, kv_operands: the mask, as in ``_blocks.py``
-      (``block_kinds(bq, bk)`` → int8 ``[nQ, nK]`` or ``[B, nQ, nK]``; None = every tile
+      (``block_kinds(bq, bk)`` → int8 ``[nQ, nK]``, ``[B, nQ, nK]`` or ``[B, Hs, nQ, nK]``
+      with Hs = K or N for a list per kv / query head; None = every tile
       FULL, or every tile PARTIAL when a ``mask_fn`` is given, so a predicate is never
       silently ignored; ``mask_fn`` is evaluated on PARTIAL tiles only).
     bias: dense float ``[bB, bN, bT, bS]`` added to the logits after the softcap, each dim 1
@@ -194,12 +197,12 @@ def flash_attention(
     kinds = np.full((nQ, nK), _blocks.FULL if mask_fn is None else _blocks.PARTIAL, np.int8)
   else:
     kinds = block_kinds(bq, bk)
-    if kinds is None or tuple(kinds.shape[-2:]) != (nQ, nK) or kinds.ndim not in (2, 3):
+    if kinds is None or tuple(kinds.shape[-2:]) != (nQ, nK) or kinds.ndim not in (2, 3, 4):
       raise ValueError(
-        f"block_kinds({bq}, {bk}) must return [nQ, nK]=({nQ}, {nK}) or [B, nQ, nK]; got "
-        f"{None if kinds is None else kinds.shape}"
+        f"block_kinds({bq}, {bk}) must return [nQ, nK]=({nQ}, {nK}), [B, nQ, nK] or "
+        f"[B, Hs, nQ, nK]; got {None if kinds is None else kinds.shape}"
       )
-  kinds = _blocks.finalize_kinds(kinds, B, S, bk)
+  kinds = _blocks.finalize_kinds(kinds, B, S, bk, heads=(N, K))
   f_count, f_index, f_full = (jnp.asarray(a, jnp.int32) for a in _blocks.forward_lists(kinds))
   t_count, t_index, t_full = (jnp.asarray(a, jnp.int32) for a in _blocks.transposed_lists(kinds))
   cfg = _Config(
@@ -216,6 +219,7 @@ def flash_attention(
     M=int(f_index.shape[-1]),
     Mq=int(t_index.shape[-1]),
     batched=int(kinds.shape[0] != 1),
+    heads=int(kinds.shape[1]),
     scale=float(scale),
     softcap=None if softcap is None else float(softcap),
     bias_shape=bias_shape,
@@ -388,9 +392,18 @@ def _unpack(refs, flags):
   return out, list(it)
 
 
-def _list_pos(cfg, b, row, j, width, rows):
-  """Flat position of entry j of list ``row`` for example b."""
-  return ((b * cfg.batched) * rows + row) * width + j
+def _list_head(cfg, n):
+  """The list head of query head n (lists shared, per kv head or per query head)."""
+  if cfg.heads == cfg.N:
+    return n
+  if cfg.heads == 1:
+    return jnp.int32(0)
+  return lax.div(n, jnp.int32(cfg.N // cfg.K))
+
+
+def _list_pos(cfg, b, n, row, j, width, rows):
+  """Flat position of entry j of list ``row`` for example b and query head n."""
+  return (((b * cfg.batched) * cfg.heads + _list_head(cfg, n)) * rows + row) * width + j
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,9 +423,8 @@ def _fwd_kernel(cfg, debug_visits, count_ref, index_ref, full_ref, *refs):
   nvis_scr = rest[3] if debug_visits else None
 
   b, n, qb, j = (pl.program_id(a) for a in range(4))
-  row = (b * cfg.batched) * cfg.nQ + qb
-  count = count_ref[row]
-  pos = row * cfg.M + j
+  pos = _list_pos(cfg, b, n, qb, j, cfg.M, cfg.nQ)
+  count = count_ref[_list_pos(cfg, b, n, qb, 0, 1, cfg.nQ)]
 
   @pl.when(j == 0)
   def _init():
@@ -467,25 +479,25 @@ def _fwd_index_maps(cfg):
   """Index maps of the (B, N, nQ, M) grid; kv-side maps read the compacted lists."""
   G = cfg.N // cfg.K
 
-  def kv_block(b, qb, j, index_ref):
-    return index_ref[_list_pos(cfg, b, qb, j, cfg.M, cfg.nQ)]
+  def kv_block(b, n, qb, j, index_ref):
+    return index_ref[_list_pos(cfg, b, n, qb, j, cfg.M, cfg.nQ)]
 
   def q_map(b, n, qb, j, *_):
     return (b, n, qb, 0)
 
   def kv_map(b, n, qb, j, count_ref, index_ref, full_ref):
-    return (b, lax.div(n, jnp.int32(G)), kv_block(b, qb, j, index_ref), 0)
+    return (b, lax.div(n, jnp.int32(G)), kv_block(b, n, qb, j, index_ref), 0)
 
   def bias_map(b, n, qb, j, count_ref, index_ref, full_ref):
     bB, bN, bT, bS = cfg.bias_shape
-    kb = kv_block(b, qb, j, index_ref)
+    kb = kv_block(b, n, qb, j, index_ref)
     return (b if bB > 1 else 0, n if bN > 1 else 0, qb if bT > 1 else 0, kb if bS > 1 else 0)
 
   def q_ops_map(b, n, qb, j, *_):
     return (b, 0, qb, 0)
 
   def kv_ops_map(b, n, qb, j, count_ref, index_ref, full_ref):
-    return (b, 0, 0, kv_block(b, qb, j, index_ref))
+    return (b, 0, 0, kv_block(b, n, qb, j, index_ref))
 
   return q_map, kv_map, bias_map, q_ops_map, kv_ops_map
 
@@ -572,9 +584,8 @@ def _dq_kernel(cfg, count_ref, index_ref, full_ref, *refs):
     ds_ref = None
 
   b, n, qb, j = (pl.program_id(a) for a in range(4))
-  row = (b * cfg.batched) * cfg.nQ + qb
-  count = count_ref[row]
-  pos = row * cfg.M + j
+  pos = _list_pos(cfg, b, n, qb, j, cfg.M, cfg.nQ)
+  count = count_ref[_list_pos(cfg, b, n, qb, 0, 1, cfg.nQ)]
 
   @pl.when(j == 0)
   def _init():
@@ -619,11 +630,11 @@ def _dkdv_kernel(cfg, count_ref, index_ref, full_ref, *refs):
   )
   lse_ref, delta_ref, do_ref, dk_ref, dv_ref, dk_scr, dv_scr = rest
 
-  b, _, kb, t = (pl.program_id(a) for a in range(4))
+  b, kh, kb, t = (pl.program_id(a) for a in range(4))
   j = lax.rem(t, jnp.int32(cfg.Mq))
-  row = (b * cfg.batched) * cfg.nK + kb
-  count = count_ref[row]
-  pos = row * cfg.Mq + j
+  n = kh * (cfg.N // cfg.K) + lax.div(t, jnp.int32(cfg.Mq))
+  pos = _list_pos(cfg, b, n, kb, j, cfg.Mq, cfg.nK)
+  count = count_ref[_list_pos(cfg, b, n, kb, 0, 1, cfg.nK)]
 
   @pl.when(t == 0)
   def _init():
@@ -695,7 +706,7 @@ def _backward_kernels(cfg, q, k, v, bias, q_ops, kv_ops, lists, t_lists, lse, de
   if bias is not None:
 
     def ds_map(b, n, qb, j, count_ref, index_ref, full_ref):
-      return (b, n, qb, index_ref[_list_pos(cfg, b, qb, j, cfg.M, cfg.nQ)])
+      return (b, n, qb, index_ref[_list_pos(cfg, b, n, qb, j, cfg.M, cfg.nQ)])
 
     aliases = {3 + len(args): 1}  # the zero buffer (after the 3 prefetch lists) → ds
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
@@ -723,23 +734,24 @@ def _backward_kernels(cfg, q, k, v, bias, q_ops, kv_ops, lists, t_lists, lse, de
   # dk / dv: per kv block, the G query heads × its q-block list on the innermost axis.
   Mq = cfg.Mq
 
-  def q_block(b, kb, t, index_ref):
-    return index_ref[_list_pos(cfg, b, kb, lax.rem(t, jnp.int32(Mq)), Mq, cfg.nK)]
+  def q_block(b, kh, kb, t, index_ref):
+    n = kh * G + lax.div(t, jnp.int32(Mq))
+    return index_ref[_list_pos(cfg, b, n, kb, lax.rem(t, jnp.int32(Mq)), Mq, cfg.nK)]
 
   def tq_map(b, kh, kb, t, count_ref, index_ref, full_ref):
-    return (b, kh * G + lax.div(t, jnp.int32(Mq)), q_block(b, kb, t, index_ref), 0)
+    return (b, kh * G + lax.div(t, jnp.int32(Mq)), q_block(b, kh, kb, t, index_ref), 0)
 
   def tkv_map(b, kh, kb, t, *_):
     return (b, kh, kb, 0)
 
   def tbias_map(b, kh, kb, t, count_ref, index_ref, full_ref):
     bB, bN, bT, bS = cfg.bias_shape
-    qb = q_block(b, kb, t, index_ref)
+    qb = q_block(b, kh, kb, t, index_ref)
     n = kh * G + lax.div(t, jnp.int32(Mq))
     return (b if bB > 1 else 0, n if bN > 1 else 0, qb if bT > 1 else 0, kb if bS > 1 else 0)
 
   def tq_ops_map(b, kh, kb, t, count_ref, index_ref, full_ref):
-    return (b, 0, q_block(b, kb, t, index_ref), 0)
+    return (b, 0, q_block(b, kh, kb, t, index_ref), 0)
 
   def tkv_ops_map(b, kh, kb, t, *_):
     return (b, 0, 0, kb)

@@ -200,7 +200,7 @@ def check_visits(case, mask, visits):
   nQ, nK = -(-case.T // bq), -(-case.S // bk)
   kinds = np.asarray(jax.jit(lambda m: m.block_kinds(case.T, case.S, bq, bk))(mask))
   kinds = _blocks.finalize_kinds(kinds, case.B, case.S, bk)
-  nonempty_BQ = np.broadcast_to((kinds != _blocks.EMPTY).sum(-1), (case.B, nQ))
+  nonempty_BQ = np.broadcast_to((kinds[:, 0] != _blocks.EMPTY).sum(-1), (case.B, nQ))
   assert visits.shape == (case.B, case.N, nQ) and visits.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(visits), np.repeat(nonempty_BQ[:, None], case.N, 1))
   assert int(visits.sum()) < case.B * case.N * nQ * nK  # block skipping happened
