@@ -114,8 +114,10 @@ def test_pallas_kernels_reject_what_they_cannot_take(impl):
   with pytest.raises(NotImplementedError, match="dense additive biases, not a score-bias"):
     dot_product_attention(q, k, v, bias=AlibiBias.default(q.shape[2]), implementation=impl)
   sparse = BlockSparseMask(jnp.zeros((1, 1), jnp.int32), (q.shape[1], k.shape[1]))
-  with pytest.raises(NotImplementedError, match="do not take a BlockSparseMask"):
+  with pytest.raises(NotImplementedError, match="no tile dividing the BlockSparseMask blocks"):
     dot_product_attention(q, k, v, mask=sparse, implementation=impl)
+  with pytest.raises(NotImplementedError, match="BlockSparseMask combined with |"):
+    dot_product_attention(q, k, v, mask=sparse | CausalMask(), implementation=impl)
 
 
 def test_validation_happens_before_tracing():

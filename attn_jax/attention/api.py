@@ -20,17 +20,15 @@ def default_implementation(backend: str | None = None, *, mask=None, bias=None) 
   """The implementation ``implementation=None`` picks on ``backend`` (default: jax's).
 
   TPU → ``pallas_tpu``, GPU → ``pallas_gpu``, anything else (CPU) → ``xla``. A call the flash
-  kernels cannot take (a ``ScoreBias``, a ``BlockSparseMask``) goes to ``xla`` everywhere.
+  kernels cannot take (a ``ScoreBias``, a ``BlockSparseMask`` under ``|`` or with blocks no
+  kernel tile divides) goes to ``xla`` everywhere.
   """
   if backend is None:
     backend = jax.default_backend()
-  if pallas_lib.unsupported_reason(mask, bias) is not None:
+  kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(backend)
+  if kernel is None or pallas_lib.unsupported_reason(mask, bias, kernel) is not None:
     return "xla"
-  if backend == "tpu":
-    return "pallas_tpu"
-  if backend in ("gpu", "cuda"):
-    return "pallas_gpu"
-  return "xla"
+  return kernel
 
 
 def dot_product_attention(

@@ -13,8 +13,9 @@ Lowering, leaf by leaf (combinations with ``&`` / ``|`` combine the predicates):
     through ``sign``, which Mosaic resolves only on a TPU host);
   * ``SegmentMask``: one q operand (query segment ids) and one kv operand (key ids);
   * ``PrefixLMMask`` with per-example lengths: one kv operand, 1 where ``j < prefix[b]``;
-  * ``BlockSparseMask``: not lowered (its structure belongs to the block-sparse kernels);
-    a clear ``NotImplementedError`` says so.
+  * ``BlockSparseMask`` (only under ``&``, with kernel tiles dividing its blocks, as
+    ``pallas.pallas_attention`` arranges): its exact block map skips unlisted tiles and
+    every tile the kernel visits lies inside a listed block, so its predicate is "visible".
 """
 
 from collections.abc import Callable
@@ -77,9 +78,8 @@ class _Builder:
       ik = self.add_kv(jnp.arange(self.S, dtype=jnp.int32)[None, :] < prefix_B[:, None])
       return lambda qi, ki, qv, kv: (kv[ik] != 0) | (ki <= qi + q_offset)
     if isinstance(mask, masks_lib.BlockSparseMask):
-      raise NotImplementedError(
-        "the Pallas flash kernels do not take a BlockSparseMask (block lists belong to the "
-        "block-sparse kernels); use implementation='xla' or 'reference' for it"
+      return lambda qi, ki, qv, kv: jnp.broadcast_to(
+        jnp.ones_like(qi, bool), (qi.shape[0], ki.shape[1])
       )
     if isinstance(mask, masks_lib.ChunkedCausalMask):
       chunk = mask.chunk
