@@ -76,7 +76,7 @@ def _is_concrete(x) -> bool:
   return isinstance(x, np.ndarray) or not isinstance(x, jax.core.Tracer)
 
 
-def _check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK):
+def check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK):
   for name, x in (("kv_count", kv_count), ("kv_idx", kv_idx)):
     if not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} must be an integer array; got {type(x).__name__}")
@@ -235,7 +235,7 @@ def block_sparse_attention(
     raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
   Lq, Lk = _block_pair(block_size)
   nQ, nK = _blocks.num_blocks(T, Lq), _blocks.num_blocks(S, Lk)
-  _check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK)
+  check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK)
   bq = Lq if block_q is None else block_q
   bk = Lk if block_kv is None else block_kv
   for name, tile, blk in (("block_q", bq, Lq), ("block_kv", bk, Lk)):

@@ -73,6 +73,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.minimal",
   "attn_jax.attention.rel_xl",
   "attn_jax.attention.moba",
+  "attn_jax.attention.biformer",
   "attn_jax.attention.neighborhood",
   "attn_jax.attention.multi_window",
   "attn_jax.attention.linear",

@@ -19,6 +19,7 @@ from flax import nnx
 
 from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
+from attn_jax.attention import biformer as biformer_lib
 from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
@@ -36,6 +37,7 @@ KINDS = (
   "sliding_window",
   "sink_window",
   "moba",
+  "biformer",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -61,7 +63,11 @@ CAUSAL_ONLY = (
   "qada",
   "periodic_bias",
 )
+NONCAUSAL_ONLY = ("biformer",)
 DEFAULT_OPTIONS = {
+  "biformer_region": 64,
+  "biformer_top_k": 4,
+  "biformer_lce_width": 5,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -126,6 +132,8 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention serves the registry ids {KINDS}; got kind={kind!r}")
     if kind in CAUSAL_ONLY and not causal:
       raise ValueError(f"attention kind {kind!r} is causal-only; the model is bidirectional")
+    if kind in NONCAUSAL_ONLY and causal:
+      raise ValueError(f"attention kind {kind!r} is bidirectional-only; the model is causal")
     if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(
         f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
@@ -157,6 +165,10 @@ class Attention(nnx.Module):
       self.k_norm = layers.Norm(head_dim, kind="rmsnorm", rngs=rngs)
     if kind == "sinks":
       self.sinks = layers.param(rngs, jax.nn.initializers.zeros, (num_heads,), ("heads",))
+    if kind == "biformer" and int(self.options["biformer_lce_width"]) > 0:
+      # LCE: depthwise conv over V, zero-initialised (the layer starts as pure routing).
+      shape = (int(self.options["biformer_lce_width"]), num_kv_heads, v_head_dim)
+      self.lce = layers.param(rngs, jax.nn.initializers.zeros, shape, (None, "kv_heads", None))
     if kind == "existence_bias":  # continue logit x·w + b per token; σ(8) ≈ 1 − 3e-4 at init
       self.exist_w = layers.param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
       self.exist_b = layers.param(rngs, jax.nn.initializers.constant(8.0), (1,), (None,))
@@ -273,6 +285,22 @@ class Attention(nnx.Module):
         moba_block=int(self.options["moba_block"]),
         moba_top_k=int(self.options["moba_top_k"]),
         mask=None if segment_ids_BT is None else masks.SegmentMask(segment_ids_BT, segment_ids_BT),
+        implementation=self.implementation,
+      )
+    elif self.kind == "biformer":  # region routing; options biformer_region/_top_k/_lce_width
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'biformer'")
+      if segment_ids_BT is not None:
+        raise NotImplementedError(
+          "attention kind 'biformer' routes whole regions and takes no segment ids (packing)"
+        )
+      out_BTNH = biformer_lib.biformer(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        biformer_region=int(self.options["biformer_region"]),
+        biformer_top_k=int(self.options["biformer_top_k"]),
+        lce_weight=self.lce[...] if hasattr(self, "lce") else None,
         implementation=self.implementation,
       )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
