@@ -372,3 +372,49 @@ def test_bad_inputs(lists, kwargs, match):
   kwargs = {"block_size": 32, "backend": "gpu", "interpret": True, **kwargs}
   with pytest.raises(ValueError, match=match):
     block_sparse.block_sparse_attention(*_small(), *lists, **kwargs)
+
+
+@pytest.mark.parametrize("hs", ["1", "K", "N"])
+def test_pure_jax_path_folds_list_heads_exactly(rng, hs):
+  """attn_jax.attention.block_sparse on the blocked xla path (list heads folded into the
+  batch; Hs = N with GQA repeats K / V) equals the oracle, forward and gradients."""
+  from attn_jax.attention import block_sparse as bs_lib
+
+  rs = np.random.default_rng(np.asarray(jax.random.key_data(rng)))
+  B, T, S, N, K, H, L = 2, 45, 50, 4, 2, 8, 8
+  Hs = {"1": 1, "K": K, "N": N}[hs]
+  nQ, nK = -(-T // L), -(-S // L)
+  count, idx, _ = random_lists(rs, B, Hs, nQ, nK, T=T, S=S, Lq=L, Lk=L, causal=True)
+  args = tuple(
+    jnp.asarray(rs.standard_normal(shape, np.float32))
+    for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H))
+  )
+  dout = jnp.asarray(rs.standard_normal((B, T, N, H), np.float32))
+  dlse = jnp.asarray(rs.standard_normal((B, N, T), np.float32))
+
+  def fast(q, k, v):
+    return bs_lib.block_sparse_attention(
+      q,
+      k,
+      v,
+      jnp.asarray(count),
+      jnp.asarray(idx),
+      block_size=L,
+      causal=True,
+      return_lse=True,
+    )
+
+  vis = block_sparse.dense_mask(
+    jnp.asarray(count), jnp.asarray(idx), q_len=T, kv_len=S, block_size=L, causal=True
+  )
+  out, lse, grads = value_and_grads(fast, args, dout, dlse)
+  args64 = tuple(a.astype(jnp.float64) for a in args)
+  r_out, r_lse, r_grads = value_and_grads(lambda q, k, v: oracle(q, k, v, vis), args64, dout, dlse)
+  assert_close("out", out, r_out)
+  assert_close("lse", lse, r_lse)
+  for gname, g, rg in zip(("dq", "dk", "dv"), grads, r_grads, strict=True):
+    assert_close(gname, g, rg)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    bs_lib.block_sparse_attention(
+      *args, jnp.asarray(count), jnp.asarray(idx), block_size=L, implementation="dense"
+    )
