@@ -14,7 +14,9 @@ Kernels depend only on jax. A caller describes the mask to a kernel with three t
     ``[bq, 1]`` columns of ``q_operands`` and ``kv_vals`` a tuple of int32 ``[1, bk]`` rows
     of ``kv_operands``. Returns bool ``[bq, bk]`` (True = visible). None = every key visible.
   * ``q_operands`` int32 ``[B, T, Cq]`` and ``kv_operands`` int32 ``[B, Ck, S]``: per-token
-    data the predicate reads (segment ids, ...), or None.
+    data the predicate reads (segment ids, ...), or None. ``q_operands`` may also be per head,
+    ``[B, Hq, T, Cq]`` with Hq = K (per kv head) or N (per query head): each query head's
+    predicate reads its own row (per-token, per-head block selections such as MoBA's).
 
 Dimension key: B batch, Hs list heads, nQ / nK q / kv block counts, M longest list.
 """

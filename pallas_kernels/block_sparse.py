@@ -292,6 +292,116 @@ def block_sparse_attention(
   )
 
 
+def pack_selection(selected):
+  """bool ``[..., T, nK]`` → int32 ``[..., T, ceil(nK / 32)]``: bit i of word w is block
+  32·w + i."""
+  nK = selected.shape[-1]
+  words = -(-nK // 32)
+  sel = jnp.pad(
+    selected.astype(jnp.uint32), [(0, 0)] * (selected.ndim - 1) + [(0, 32 * words - nK)]
+  )
+  sel = sel.reshape(*selected.shape[:-1], words, 32)
+  packed = (sel << jnp.arange(32, dtype=jnp.uint32)).sum(-1, dtype=jnp.uint32)
+  return jax.lax.bitcast_convert_type(packed, jnp.int32)
+
+
+def selected_blocks_attention(
+  q,
+  k,
+  v,
+  selected,
+  *,
+  block_size: int,
+  causal: bool = True,
+  scale=None,
+  return_lse: bool = False,
+  backend: str = "tpu",
+  block_q=None,
+  interpret=False,
+):
+  """Attention where every (query token, head) sees its own selection of kv blocks.
+
+  ``selected`` bool ``[B, Hs, T, nK]`` (Hs = K or N; e.g. MoBA's or NSA's per-token
+  top-k blocks), kv blocks of ``block_size`` tokens. The kernel walks, per (head, q tile),
+  the union of its queries' blocks (a block chosen by every query of the tile and wholly
+  in the past is FULL: no mask arithmetic); inside a PARTIAL tile the predicate reads the
+  query's selection, bit-packed as per-head q operands ``[B, Hs, T, ceil(nK / 32)]``, and
+  (``causal``) the causal order. Unselected blocks are never loaded. Output equals softmax
+  attention under the dense mask ``selected`` (repeated over each block's tokens) & causal.
+  """
+  B, T, N, _ = q.shape
+  S, K = k.shape[1], k.shape[2]
+  nK = _blocks.num_blocks(S, block_size)
+  if selected.ndim != 4 or selected.shape[0] != B or selected.shape[2:] != (T, nK):
+    raise ValueError(
+      f"selected must be bool [B, Hs, T, nK] = [{B}, Hs, {T}, {nK}]; got {selected.shape}"
+    )
+  if selected.shape[1] not in (K, N):
+    raise ValueError(f"selected's head dim must be K={K} or N={N}; got {selected.shape[1]}")
+  offset = S - T
+
+  def tile_kinds(bq):
+    """Per (head, q tile of bq rows, kv block): EMPTY / PARTIAL (some query chose it) /
+    FULL (every real query chose it and it lies wholly in the causal past)."""
+    nQ = _blocks.num_blocks(T, bq)
+    Tp = nQ * bq
+    sel = jnp.pad(selected, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    per_tile = sel.reshape(B, -1, nQ, bq, nK)
+    union = per_tile.any(3)  # [B, Hs, nQ, nK]
+    valid_q = (jnp.arange(Tp) < T).reshape(nQ, bq)
+    everyone = (per_tile | ~valid_q[None, None, :, :, None]).all(3)
+    if causal:
+      q_first = jnp.arange(nQ) * bq + offset
+      last_key = (jnp.arange(nK) + 1) * block_size - 1
+      everyone = everyone & (last_key <= q_first[:, None]) & (last_key < S)
+    kinds = jnp.where(union, _blocks.PARTIAL, _blocks.EMPTY)
+    return jnp.where(union & everyone, _blocks.FULL, kinds).astype(jnp.int8)
+
+  words = pack_selection(selected)  # [B, Hs, T, W]
+  W = words.shape[-1]
+
+  def token_mask(q_idx, kv_idx, q_vals, kv_vals):
+    kb = jax.lax.div(kv_idx, jnp.int32(block_size))  # [1, bk]
+    word = jax.lax.shift_right_logical(kb, jnp.int32(5))
+    bit = jnp.bitwise_and(kb, jnp.int32(31))
+    val = jnp.zeros((q_idx.shape[0], kv_idx.shape[1]), jnp.int32)
+    for w in range(W):
+      val = jnp.where(word == w, q_vals[w], val)
+    visible = jnp.bitwise_and(jax.lax.shift_right_logical(val, bit), jnp.int32(1)) != 0
+    if causal:
+      visible = visible & (q_idx + offset >= kv_idx)
+    return visible
+
+  def block_kinds(tile_q, tile_kv):
+    if block_size % tile_kv:
+      raise ValueError(f"the kv tile {tile_kv} must divide the block {block_size}")
+    kinds = tile_kinds(tile_q)
+    return _expand(kinds, 1, block_size // tile_kv, kinds.shape[2], _blocks.num_blocks(S, tile_kv))
+
+  if backend == "tpu":
+    from pallas_kernels import flash_tpu as kernel
+  elif backend == "gpu":
+    from pallas_kernels import flash_gpu as kernel
+  else:
+    raise ValueError(f"backend must be 'tpu' or 'gpu'; got {backend!r}")
+  tile_kv = block_size
+  if backend == "gpu":
+    tile_kv = min(64, block_size & -block_size)  # the largest power-of-two divisor, <= 64
+  return kernel.flash_attention(
+    q,
+    k,
+    v,
+    block_kinds=block_kinds,
+    mask_fn=token_mask,
+    q_operands=words,
+    scale=scale,
+    return_lse=return_lse,
+    block_q=block_q,
+    block_kv=int(tile_kv),
+    interpret=interpret,
+  )
+
+
 def merge_branches(outs, lses):
   """Exact merge of attention branches over disjoint key sets from their (out, lse):
   ``out [B, T, N, Hv]`` each, ``lse [B, N, T]`` each (-inf for an empty row)."""

@@ -135,6 +135,7 @@ class _Config:
   bias_full: tuple[bool, bool, bool, bool] | None  # per [B, N, T, S]: full (not 1)
   has_sinks: bool
   num_q_ops: int
+  q_ops_heads: int  # 1 (q operands shared by the heads), K or N (per kv / query head)
   num_kv_ops: int
   debug_visits: bool
   interpret: bool
@@ -199,13 +200,18 @@ def _masked(cfg, s, is_full, q_idx, kv_start, q_vals, kv_vals):
   return lax.cond(is_full != 0, lambda s: s, apply, s)
 
 
+def _head_row(cfg, n, heads):
+  """Row of query head n in an array with ``heads`` = 1 (shared), K or N head rows."""
+  if heads == cfg.N:
+    return n
+  if heads == 1:
+    return 0 * n
+  return n // cfg.G
+
+
 def _list_head(cfg, n):
   """The list head of query head n (lists shared, per kv head or per query head)."""
-  if cfg.list_heads == cfg.N:
-    return n
-  if cfg.list_heads == 1:
-    return jnp.int32(0)
-  return n // cfg.G
+  return _head_row(cfg, n, cfg.list_heads)
 
 
 def _safe(x):
@@ -312,7 +318,7 @@ def _forward(cfg, q, k, v, bias, sinks, lists_f, q_ops, kv_ops):
     in_specs.append(whole(sinks))
     args.append(sinks)
   if q_ops is not None:
-    in_specs.append(pl.BlockSpec((None, cfg.num_q_ops, bq), lambda i, b, n: (b, 0, i)))
+    in_specs.append(_q_ops_spec_rows(cfg))
     args.append(q_ops)
   if kv_ops is not None:
     in_specs.append(pl.BlockSpec((None, cfg.num_kv_ops, Sp), lambda i, b, n: (b, 0, 0)))
@@ -341,6 +347,12 @@ def _forward(cfg, q, k, v, bias, sinks, lists_f, q_ops, kv_ops):
   out, lse = outs[0], outs[1]
   visits = outs[2] if cfg.debug_visits else jnp.zeros((B, N, cfg.nQ), jnp.int32)
   return out, lse, visits
+
+
+def _q_ops_spec_rows(cfg):
+  """q-operand BlockSpec for the grid (q block, b, n): this head's Cq columns, q block rows."""
+  C = cfg.num_q_ops
+  return pl.BlockSpec((None, C, cfg.bq), lambda i, b, n: (b, _head_row(cfg, n, cfg.q_ops_heads), i))
 
 
 def _bias_spec_rows(cfg):
@@ -451,7 +463,8 @@ def _dkdv_kernel(*refs, cfg):
         lead = (g if bias_heads else 0,)
         s = s + _bias_tile(cfg, bias_ref, rows, slice(None), lead)
       q_idx = start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-      q_vals = tuple(qops_ref[c, rows][:, None] for c in range(cfg.num_q_ops))
+      first = g * cfg.num_q_ops if cfg.q_ops_heads == cfg.N and cfg.N != cfg.K else 0
+      q_vals = tuple(qops_ref[first + c, rows][:, None] for c in range(cfg.num_q_ops))
       s = _masked(cfg, s, full_ref[bl, hl, kb, j], q_idx, kv_start, q_vals, kv_vals)
       p = jnp.exp(s - _safe(lse_ref[g, rows])[:, None])
       do_qV = do_ref[rows, g, :]
@@ -496,7 +509,7 @@ def _backward_kernels(cfg, q, k, v, bias, lists_f, lists_b, q_ops, kv_ops, do, l
     in_specs.append(_bias_spec_rows(cfg))
     args.append(bias)
   if q_ops is not None:
-    in_specs.append(pl.BlockSpec((None, cfg.num_q_ops, bq), lambda i, b, n: (b, 0, i)))
+    in_specs.append(_q_ops_spec_rows(cfg))
     args.append(q_ops)
   if kv_ops is not None:
     in_specs.append(pl.BlockSpec((None, cfg.num_kv_ops, Sp), lambda i, b, n: (b, 0, 0)))
@@ -550,7 +563,10 @@ def _backward_kernels(cfg, q, k, v, bias, lists_f, lists_b, q_ops, kv_ops, do, l
     )
     args.append(bias5)
   if q_ops is not None:
-    in_specs.append(pl.BlockSpec((None, cfg.num_q_ops, Tp), lambda j, b, h: (b, 0, 0)))
+    # Per query head (Hq = N): the G heads of kv head h, rows [h·G·C, (h+1)·G·C).
+    rows = cfg.num_q_ops * (G if cfg.q_ops_heads == N and N != K else 1)
+    per_kv = cfg.q_ops_heads != 1
+    in_specs.append(pl.BlockSpec((None, rows, Tp), lambda j, b, h: (b, h if per_kv else 0, 0)))
     args.append(q_ops)
   if kv_ops is not None:
     in_specs.append(pl.BlockSpec((None, cfg.num_kv_ops, bk), lambda j, b, h: (b, 0, j)))
@@ -686,11 +702,15 @@ def _check_inputs(
     if ops is None:
       continue
     shape = jnp.shape(ops)
-    ok = (
-      len(shape) == 3
-      and shape[0] == B
-      and shape[1 if name == "q_operands" else 2] == (T if name == "q_operands" else S)
-    )
+    if name == "q_operands" and len(shape) == 4:  # per head [B, Hq, T, Cq]
+      want = f"[B, Hq, T, Cq] = [{B}, 1 | {K} | {N}, {T}, Cq]"
+      ok = shape[0] == B and shape[1] in (1, K, N) and shape[2] == T
+    else:
+      ok = (
+        len(shape) == 3
+        and shape[0] == B
+        and shape[1 if name == "q_operands" else 2] == (T if name == "q_operands" else S)
+      )
     if not ok or not jnp.issubdtype(ops.dtype, jnp.integer):
       raise ValueError(f"{name} must be an int array of shape {want}; got {shape} {ops.dtype}")
 
@@ -725,7 +745,9 @@ def flash_attention(
       given, so a predicate is never ignored).
     mask_fn: ``(q_idx [bq,1], kv_idx [1,bk], q_vals, kv_vals) -> bool [bq, bk]`` evaluated on
       PARTIAL tiles only (absolute indices), or None.
-    q_operands, kv_operands: int ``[B, T, Cq]`` / ``[B, Ck, S]`` read by ``mask_fn``, or None.
+    q_operands, kv_operands: int ``[B, T, Cq]`` / ``[B, Ck, S]`` read by ``mask_fn``, or None;
+      q operands may be per head ``[B, Hq, T, Cq]``, Hq = K or N (head n reads row n // G or
+      n).
     bias: float ``[bB, bN, bT, bS]``, each dim 1 or full; added after the softcap.
     sinks: float ``[N]`` sink logits (denominator only), or None.
     scale: logit scale, default 1/sqrt(H). softcap: c in c·tanh(s/c), or None.
@@ -796,6 +818,7 @@ def flash_attention(
     bias_full=bias_full,
     has_sinks=sinks is not None,
     num_q_ops=0 if q_operands is None else q_operands.shape[-1],
+    q_ops_heads=1 if q_operands is None or q_operands.ndim == 3 else q_operands.shape[1],
     num_kv_ops=0 if kv_operands is None else kv_operands.shape[1],
     debug_visits=bool(debug_visits),
     interpret=bool(interpret),
@@ -816,8 +839,10 @@ def flash_attention(
       bias_p = _blocks.pad_axis(bias_p, 3, Sp)
   sinks_p = None if sinks is None else sinks.astype(jnp.float32)
   q_ops = None
-  if q_operands is not None:
-    q_ops = _blocks.pad_axis(jnp.swapaxes(q_operands.astype(jnp.int32), 1, 2), 2, Tp)
+  if q_operands is not None:  # [B, (Hq,) T, C] → [B, Hq·C, Tp]: head hq's columns at hq·C
+    ops = q_operands.astype(jnp.int32)
+    ops = ops[:, None] if ops.ndim == 3 else ops
+    q_ops = _blocks.pad_axis(jnp.swapaxes(ops, 2, 3), 3, Tp).reshape(B, -1, Tp)
   kv_ops = None
   if kv_operands is not None:
     kv_ops = _blocks.pad_axis(kv_operands.astype(jnp.int32), 2, Sp)

@@ -126,6 +126,7 @@ class _Config(NamedTuple):
   has_sinks: bool
   mask_fn: Any
   n_q_ops: int
+  q_ops_heads: int  # 1 (q operands shared by the heads), K or N (per kv / query head)
   n_kv_ops: int
   interpret: Any
 
@@ -158,7 +159,9 @@ def flash_attention(
       (``block_kinds(bq, bk)`` → int8 ``[nQ, nK]``, ``[B, nQ, nK]`` or ``[B, Hs, nQ, nK]``
       with Hs = K or N for a list per kv / query head; None = every tile
       FULL, or every tile PARTIAL when a ``mask_fn`` is given, so a predicate is never
-      silently ignored; ``mask_fn`` is evaluated on PARTIAL tiles only).
+      silently ignored; ``mask_fn`` is evaluated on PARTIAL tiles only). ``q_operands`` may
+      be per head, ``[B, Hq, T, Cq]`` with Hq = K or N: query head n's predicate then reads
+      the columns of its kv head n // G (Hq = K) or its own (Hq = N).
     bias: dense float ``[bB, bN, bT, bS]`` added to the logits after the softcap, each dim 1
       or full (B, N, T, S); differentiable (gradient summed over the broadcast dims).
     sinks: per-head sink logits ``[N]`` (denominator only); differentiable.
@@ -190,7 +193,7 @@ def flash_attention(
     raise ValueError(f"softcap must be a positive number; got {softcap!r}")
   if scale is None:
     scale = 1.0 / float(np.sqrt(H))
-  q_ops = _check_operands("q_operands", q_operands, (B, T), axis=1)
+  q_ops = _check_operands("q_operands", q_operands, (B, T), axis=1, heads=(N, K))
   kv_ops = _check_operands("kv_operands", kv_operands, (B, S), axis=2)
   if block_kinds is None:
     # No block map: every tile FULL, or PARTIAL when there is a predicate to evaluate.
@@ -226,6 +229,7 @@ def flash_attention(
     has_sinks=sinks is not None,
     mask_fn=mask_fn,
     n_q_ops=0 if q_ops is None else q_ops.shape[-1],
+    q_ops_heads=1 if q_ops is None or q_ops.ndim == 3 else q_ops.shape[1],
     n_kv_ops=0 if kv_ops is None else kv_ops.shape[1],
     interpret=interpret,
   )
@@ -240,8 +244,11 @@ def flash_attention(
     bias = _blocks.pad_axis(_blocks.pad_axis(bias, 2, Tp if bT > 1 else 1), 3, Sp if bS > 1 else 1)
   # Per-token operands as [B, C, Tp, 1] columns and [B, C, 1, Sp] rows: one leading index
   # gives the kernel a [bq, 1] / [1, bk] value.
-  if q_ops is not None:
-    q_ops = _blocks.pad_axis(q_ops.astype(jnp.int32), 1, Tp).transpose(0, 2, 1)[..., None]
+  if q_ops is not None:  # [B, (Hq,) T, C] → [B, Hq·C, Tp, 1]: head hq's columns at hq·C
+    q_ops = q_ops.astype(jnp.int32)
+    q_ops = q_ops[:, None] if q_ops.ndim == 3 else q_ops
+    q_ops = _blocks.pad_axis(q_ops, 2, Tp).transpose(0, 1, 3, 2)
+    q_ops = q_ops.reshape(B, -1, Tp)[..., None]
   if kv_ops is not None:
     kv_ops = _blocks.pad_axis(kv_ops.astype(jnp.int32), 2, Sp)[:, :, None, :]
   lists = (f_count.reshape(-1), f_index.reshape(-1), f_full.reshape(-1))
@@ -324,11 +331,20 @@ def _check_bias(bias, full):
   return tuple(int(d) for d in bias.shape)
 
 
-def _check_operands(name, ops, lead, axis):
+def _check_operands(name, ops, lead, axis, heads=None):
+  """``[B, T, Cq]`` / ``[B, Ck, S]``; q operands may also be per head ``[B, Hq, T, Cq]``
+  with Hq in (1, K, N) (``heads = (N, K)``)."""
   if ops is None:
     return None
   want = "[B, T, Cq]" if axis == 1 else "[B, Ck, S]"
-  if not hasattr(ops, "shape") or ops.ndim != 3:
+  if heads is not None and hasattr(ops, "shape") and ops.ndim == 4:
+    if ops.shape[1] not in (1, *heads):
+      raise ValueError(
+        f"{name} per head must be [B, Hq, T, Cq] with Hq = 1, K or N {(1, *heads)}; got {ops.shape}"
+      )
+    axis = 2
+    want = "[B, Hq, T, Cq]"
+  elif not hasattr(ops, "shape") or ops.ndim != 3:
     raise ValueError(f"{name} must be a 3-d int32 {want} array; got {getattr(ops, 'shape', ops)}")
   if not jnp.issubdtype(ops.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer array; got {ops.dtype}")
@@ -392,13 +408,18 @@ def _unpack(refs, flags):
   return out, list(it)
 
 
-def _list_head(cfg, n):
-  """The list head of query head n (lists shared, per kv head or per query head)."""
-  if cfg.heads == cfg.N:
+def _head_row(cfg, n, heads):
+  """Row of query head n in an array with ``heads`` = 1 (shared), K or N head rows."""
+  if heads == cfg.N:
     return n
-  if cfg.heads == 1:
+  if heads == 1:
     return jnp.int32(0)
   return lax.div(n, jnp.int32(cfg.N // cfg.K))
+
+
+def _list_head(cfg, n):
+  """The list head of query head n (lists shared, per kv head or per query head)."""
+  return _head_row(cfg, n, cfg.heads)
 
 
 def _list_pos(cfg, b, n, row, j, width, rows):
@@ -494,7 +515,7 @@ def _fwd_index_maps(cfg):
     return (b if bB > 1 else 0, n if bN > 1 else 0, qb if bT > 1 else 0, kb if bS > 1 else 0)
 
   def q_ops_map(b, n, qb, j, *_):
-    return (b, 0, qb, 0)
+    return (b, _head_row(cfg, n, cfg.q_ops_heads), qb, 0)
 
   def kv_ops_map(b, n, qb, j, count_ref, index_ref, full_ref):
     return (b, 0, 0, kv_block(b, n, qb, j, index_ref))
@@ -751,7 +772,8 @@ def _backward_kernels(cfg, q, k, v, bias, q_ops, kv_ops, lists, t_lists, lse, de
     return (b if bB > 1 else 0, n if bN > 1 else 0, qb if bT > 1 else 0, kb if bS > 1 else 0)
 
   def tq_ops_map(b, kh, kb, t, count_ref, index_ref, full_ref):
-    return (b, 0, q_block(b, kh, kb, t, index_ref), 0)
+    n = kh * G + lax.div(t, jnp.int32(Mq))
+    return (b, _head_row(cfg, n, cfg.q_ops_heads), q_block(b, kh, kb, t, index_ref), 0)
 
   def tkv_ops_map(b, kh, kb, t, *_):
     return (b, 0, 0, kb)

@@ -90,13 +90,17 @@ def test_cross_patterns_conformance(rng, mech_id, pattern):
       with pytest.raises(ValueError, match=f"does not support the '{pattern}' pattern"):
         registry.run(mech_id, q, k, v, causal=causal, cross=cross)
       continue
-    for impl in mech.implementations:
-      if impl.startswith("pallas"):
-        continue  # Pallas implementations are exercised by the kernel tests.
-      out = registry.run(mech_id, q, k, v, causal=causal, cross=cross, key=rng, implementation=impl)
-      ref = registry.run(
-        mech_id, q, k, v, causal=causal, cross=cross, key=rng, implementation="reference"
+    # Pallas implementations are exercised by the kernel tests. One compiled program per
+    # pattern and size (op-by-op dispatch is slower on this CPU).
+    impls = [i for i in mech.implementations if not i.startswith("pallas") and i != "reference"]
+    run = jax.jit(
+      lambda q, k, v: tuple(
+        registry.run(mech_id, q, k, v, causal=causal, cross=cross, key=rng, implementation=impl)
+        for impl in ("reference", *impls)
       )
+    )
+    ref, *outs = run(q, k, v)
+    for out in outs:
       assert out.shape == (2, T, 4, 12)
       close(out, ref)
       assert np.all(np.isfinite(np.asarray(out)))
@@ -118,12 +122,18 @@ def test_layer_interface_conformance(rng, mech_id):
       with pytest.raises(ValueError, match=f"does not support the '{pattern}' pattern"):
         registry.run_layer(mech_id, params, x, **kw)
       continue
-    ref = registry.run_layer(mech_id, params, x, implementation="reference", **kw)
+    # One compiled program per implementation (op-by-op dispatch is slower on this CPU).
+    impls = [i for i in mech.implementations if not i.startswith("pallas") and i != "reference"]
+    run = jax.jit(
+      lambda params, x, kw=kw: tuple(
+        registry.run_layer(mech_id, params, x, implementation=impl, **kw)
+        for impl in ("reference", *impls)
+      )
+    )
+    ref, *outs = run(params, x)
     assert ref.shape == (B, T, D) and np.all(np.isfinite(np.asarray(ref)))
-    for impl in mech.implementations:
-      if impl.startswith("pallas") or impl == "reference":
-        continue  # Pallas implementations are exercised by the kernel tests.
-      close(registry.run_layer(mech_id, params, x, implementation=impl, **kw), ref, tol=1e-4)
+    for out in outs:  # Pallas implementations are exercised by the kernel tests.
+      close(out, ref, tol=1e-4)
 
 
 def test_interfaces_do_not_mix(rng):
@@ -153,11 +163,20 @@ def test_decode_equals_full_sequence(rng, mech_id):
   """
   T = 19
   q, k, v = qkv(rng, T=T, S=T)
-  full = registry.run(mech_id, q, k, v, causal=True, key=rng)
-  for t in (registry.PREFIX, 11, T - 1):
-    step = registry.run(
-      mech_id, q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], causal=True, cross=True, key=rng
-    )
+  steps = (registry.PREFIX, 11, T - 1)
+
+  @jax.jit  # one program: the full run and the three decode steps
+  def run(q, k, v):
+    full = registry.run(mech_id, q, k, v, causal=True, key=rng)
+    return full, [
+      registry.run(
+        mech_id, q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], causal=True, cross=True, key=rng
+      )
+      for t in steps
+    ]
+
+  full, decoded = run(q, k, v)
+  for t, step in zip(steps, decoded, strict=True):
     close(step[:, 0], full[:, t])
 
 

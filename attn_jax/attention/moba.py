@@ -18,10 +18,16 @@ Selection is separate from attention (DESIGN.md): ``moba_select`` returns the se
 blocks ``[B, N, T, nC]`` per query token (so a decode step equals the last row of a full
 call), and ``moba`` attends over them: per head one ``dot_product_attention`` call with a
 ``ChunkSelectionMask`` & causal mask, the blocked ``xla`` path skipping every (q block,
-kv block) tile that no query of the tile selected (shared with ``longheads``). The paper's
-kernel (own block by causal flash + selected blocks by block-sparse attention, merged by
-lse; selection per query block on an accelerator) is the block-sparse kernel's job: not
-built here, so the Pallas names raise.
+kv block) tile that no query of the tile selected (shared with ``longheads``).
+
+On TPU / GPU (``pallas_tpu`` / ``pallas_gpu``; ``pallas_interpret`` simulates the TPU
+kernel) the block-sparse kernels run the exact per-token selection
+(``pallas_kernels.block_sparse.selected_blocks_attention``): per (query head, q tile) the
+kernel walks the union of its queries' blocks, loading no other block; inside a tile the
+predicate reads each query's selection (bit-packed per-head q operands) and the causal
+order; a block every query of the tile chose, wholly in the past, runs without mask
+arithmetic. Blocks must suit the kernel tiles (TPU: a multiple of 128; GPU: a power-of-two
+divisor >= 16). The kernel path takes no extra ``mask``.
 """
 
 import typing
@@ -31,12 +37,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from attn_jax.attention import _checks, registry
-from attn_jax.attention import api as api_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import masks as masks_lib
 
 PAPER = "MoBA: Mixture of Block Attention for Long-Context LLMs"
-IMPLEMENTATIONS = ("reference", "xla")
+_KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
+IMPLEMENTATIONS = ("reference", "xla", *_KERNELS)
 
 
 def moba_select(
@@ -84,7 +90,7 @@ def moba(
     moba_block: block size b.
     moba_top_k: blocks per query and head, the own block included (>= 1).
     mask: an extra mask (e.g. packed documents), combined with the selection and causality.
-    implementation: "reference" or "xla" (default "xla").
+    implementation: "reference", "xla" (default) or a Pallas kernel name (see above).
     return_selection: also return the selection, bool ``[B, N, T, nC]``.
   """
   dims = _checks.check_qkv(q_BTNH, k_BSKH, v_BSKV)
@@ -95,13 +101,32 @@ def moba(
     raise ValueError(f"mask must be an attn_jax.attention.masks.Mask or None; got {type(mask)}")
   impl = implementation or "xla"
   if impl not in IMPLEMENTATIONS:
-    if impl in api_lib.IMPLEMENTATIONS:
-      raise NotImplementedError(
-        f"moba implementation {impl!r} is not built: the flash kernels take block-level masks, "
-        "not per-query block selections (the block-sparse kernel is separate work); use 'xla' "
-        "or 'reference'"
-      )
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
+  if impl in _KERNELS:
+    if mask is not None:
+      raise NotImplementedError(
+        f"moba implementation {impl!r} takes no extra mask (the kernel's predicate holds the "
+        "selection); use 'xla' or 'reference' with a mask"
+      )
+    from pallas_kernels import block_sparse as block_sparse_kernels
+
+    selected = moba_select(q_BTNH, k_BSKH, block=moba_block, top_k=moba_top_k)
+    interpret = False
+    if impl == "pallas_interpret":
+      from jax.experimental.pallas import tpu as pltpu
+
+      interpret = pltpu.InterpretParams()
+    out = block_sparse_kernels.selected_blocks_attention(
+      q_BTNH,
+      k_BSKH,
+      v_BSKV,
+      selected,
+      block_size=moba_block,
+      causal=True,
+      backend="gpu" if impl == "pallas_gpu" else "tpu",
+      interpret=interpret,
+    )
+    return (out, selected) if return_selection else out
   if mask is not None:
     mask.check_shapes(dims.B, dims.T, dims.S)
   selected = moba_select(q_BTNH, k_BSKH, block=moba_block, top_k=moba_top_k)
