@@ -21,6 +21,7 @@ from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import biformer as biformer_lib
 from attn_jax.attention import coca as coca_lib
+from attn_jax.attention import flexprefill as flex_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
 from attn_jax.attention import multi_window as mw_lib
@@ -28,6 +29,7 @@ from attn_jax.attention import neighborhood as neighborhood_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
+from attn_jax.attention import vmoba as vmoba_lib
 from attn_jax.nn import layers, projected
 
 # Registry ids this module serves; the registry points their ``module`` field here.
@@ -38,6 +40,8 @@ KINDS = (
   "sink_window",
   "moba",
   "biformer",
+  "flexprefill",
+  "vmoba",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -55,6 +59,7 @@ KINDS = (
   "existence_bias",
 )
 CAUSAL_ONLY = (
+  "flexprefill",
   "sink_window",
   "causal",
   "chunked_causal",
@@ -63,11 +68,17 @@ CAUSAL_ONLY = (
   "qada",
   "periodic_bias",
 )
-NONCAUSAL_ONLY = ("biformer",)
+NONCAUSAL_ONLY = ("biformer", "vmoba")
 DEFAULT_OPTIONS = {
   "biformer_region": 64,
   "biformer_top_k": 4,
   "biformer_lce_width": 5,
+  "flex_block": 64,
+  "flex_gamma": 0.9,
+  "flex_tau": 0.1,
+  "vmoba_grid": "",
+  "vmoba_block": "64,1,1",
+  "vmoba_tau": 0.5,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -301,6 +312,37 @@ class Attention(nnx.Module):
         biformer_region=int(self.options["biformer_region"]),
         biformer_top_k=int(self.options["biformer_top_k"]),
         lce_weight=self.lce[...] if hasattr(self, "lce") else None,
+        implementation=self.implementation,
+      )
+    elif self.kind == "flexprefill":  # training-free pattern choice; options flex_*
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'flexprefill'")
+      if segment_ids_BT is not None:
+        raise NotImplementedError(
+          "attention kind 'flexprefill' selects blocks of one sequence; it takes no segment ids"
+        )
+      out_BTNH = flex_lib.flexprefill(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        flex_block=int(self.options["flex_block"]),
+        flex_gamma=float(self.options["flex_gamma"]),
+        flex_tau=float(self.options["flex_tau"]),
+        implementation=self.implementation,
+      )
+    elif self.kind == "vmoba":  # options vmoba_grid ("F,H,W"; "": 1-D), vmoba_block, vmoba_tau
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'vmoba'")
+      if segment_ids_BT is not None:
+        raise NotImplementedError("attention kind 'vmoba' attends one video; no segment ids")
+      text = str(self.options["vmoba_grid"]).strip()
+      out_BTNH = vmoba_lib.vmoba(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        vmoba_grid=tuple(int(n) for n in text.split(",")) if text else None,
+        vmoba_block=tuple(int(n) for n in str(self.options["vmoba_block"]).split(",")),
+        vmoba_tau=float(self.options["vmoba_tau"]),
         implementation=self.implementation,
       )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*

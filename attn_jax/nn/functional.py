@@ -25,6 +25,7 @@ def functional_layer(
   options: dict | None = None,
   positions: tuple[str, ...] = ALL_POSITIONS,
   causal_only: bool = False,
+  call_options: tuple[str, ...] = (),
   doc: str = "",
   module: str = __name__,
 ) -> type:
@@ -41,6 +42,8 @@ def functional_layer(
       and ignored.
     positions: the ``positions`` values it accepts ("rope" rotates q and k in the function).
     causal_only: refuse ``causal=False``.
+    call_options: keys of ``options`` passed to ``layer_fn`` at call time (not to
+      ``specs_fn``: they do not change the parameters).
     doc: the class docstring.
     module: the module the class is reached from (its ``__module__``).
   """
@@ -76,7 +79,8 @@ def functional_layer(
     if qk_norm:
       raise ValueError(f"attention kind {kind!r} does not take qk_norm=True; use qk_norm=False")
     merged = projected.merge_options(kind, options, defaults)
-    spec_options = {k: type(own[k])(merged[k]) for k in own}
+    spec_options = {k: type(own[k])(merged[k]) for k in own if k not in call_options}
+    self.call_options = {k: type(own[k])(merged[k]) for k in call_options}
     specs = specs_fn(
       d_model=d_model,
       num_heads=num_heads,
@@ -101,7 +105,7 @@ def functional_layer(
     )
     if self.rope is not None:
       kwargs["rope"] = self.rope
-    return type(self).FUNCTION(self.param_tree(), x_BTD, **kwargs)
+    return type(self).FUNCTION(self.param_tree(), x_BTD, **kwargs, **self.call_options)
 
   return type(
     class_name,
