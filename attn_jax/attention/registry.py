@@ -77,6 +77,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.nsa",
   "attn_jax.attention.flexprefill",
   "attn_jax.attention.vmoba",
+  "attn_jax.attention.landmark",
   "attn_jax.attention.neighborhood",
   "attn_jax.attention.multi_window",
   "attn_jax.attention.linear",

@@ -22,6 +22,7 @@ from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import biformer as biformer_lib
 from attn_jax.attention import coca as coca_lib
 from attn_jax.attention import flexprefill as flex_lib
+from attn_jax.attention import landmark as landmark_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
 from attn_jax.attention import multi_window as mw_lib
@@ -42,6 +43,7 @@ KINDS = (
   "biformer",
   "flexprefill",
   "vmoba",
+  "landmark",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -60,6 +62,7 @@ KINDS = (
 )
 CAUSAL_ONLY = (
   "flexprefill",
+  "landmark",
   "sink_window",
   "causal",
   "chunked_causal",
@@ -79,6 +82,7 @@ DEFAULT_OPTIONS = {
   "vmoba_grid": "",
   "vmoba_block": "64,1,1",
   "vmoba_tau": 0.5,
+  "landmark_block": 50,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -343,6 +347,18 @@ class Attention(nnx.Module):
         vmoba_grid=tuple(int(n) for n in text.split(",")) if text else None,
         vmoba_block=tuple(int(n) for n in str(self.options["vmoba_block"]).split(",")),
         vmoba_tau=float(self.options["vmoba_tau"]),
+        implementation=self.implementation,
+      )
+    elif self.kind == "landmark":  # every (ℓ+1)-th position is a landmark; option landmark_block
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'landmark'")
+      if segment_ids_BT is not None:
+        raise NotImplementedError("attention kind 'landmark' takes no segment ids (packing)")
+      out_BTNH = landmark_lib.landmark_attention(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        landmark_block=int(self.options["landmark_block"]),
         implementation=self.implementation,
       )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
