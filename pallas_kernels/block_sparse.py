@@ -144,7 +144,7 @@ def lists_to_kinds(kv_count, kv_idx, kv_full, num_kv_blocks: int, partial_defaul
 def dense_mask(kv_count, kv_idx, *, q_len: int, kv_len: int, block_size, causal=False):
   """The oracle's token mask bool ``[B, Hs, T, S]`` of the lists (kv_full does not change
   visibility: PARTIAL blocks only evaluate the predicate, which FULL blocks must satisfy)."""
-  Lq, Lk = _block_pair(block_size)
+  Lq, Lk = block_pair(block_size)
   nK = _blocks.num_blocks(kv_len, Lk)
   kinds = lists_to_kinds(kv_count, kv_idx, None, nK, partial_default=True)
   rows = jnp.arange(q_len) // Lq
@@ -155,7 +155,7 @@ def dense_mask(kv_count, kv_idx, *, q_len: int, kv_len: int, block_size, causal=
   return visible
 
 
-def _block_pair(block_size):
+def block_pair(block_size):
   if isinstance(block_size, int | np.integer) and not isinstance(block_size, bool):
     block_size = (int(block_size), int(block_size))
   if (
@@ -233,7 +233,7 @@ def block_sparse_attention(
   S, K = k.shape[1], k.shape[2]
   if K == 0 or N % K:
     raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
-  Lq, Lk = _block_pair(block_size)
+  Lq, Lk = block_pair(block_size)
   nQ, nK = _blocks.num_blocks(T, Lq), _blocks.num_blocks(S, Lk)
   check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK)
   bq = Lq if block_q is None else block_q

@@ -29,19 +29,49 @@ from jaxtyping import Array, Bool, Float, Int
 from attn_jax.attention import api as api_lib
 from attn_jax.attention import masks as masks_lib
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret")
+KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
+IMPLEMENTATIONS = ("reference", "xla", *KERNELS)
 
 
-def block_pair(block_size) -> tuple[int, int]:
-  if isinstance(block_size, int) and not isinstance(block_size, bool):
-    block_size = (block_size, block_size)
-  if (
-    not isinstance(block_size, tuple | list)
-    or len(block_size) != 2
-    or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)
-  ):
-    raise ValueError(f"block_size must be a positive int or a pair (Lq, Lk); got {block_size!r}")
-  return int(block_size[0]), int(block_size[1])
+def kernel_backend(implementation: str):
+  """(backend, interpret) of a Pallas implementation name: ``pallas_interpret`` is the TPU
+  kernel with TPU memory simulated (any host)."""
+  if implementation == "pallas_interpret":
+    from jax.experimental.pallas import tpu as pltpu
+
+    return "tpu", pltpu.InterpretParams()
+  return ("gpu" if implementation == "pallas_gpu" else "tpu"), False
+
+
+def selected_blocks_attention(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  selected: Bool[Array, "B Hs T nC"],
+  *,
+  block: int,
+  causal: bool,
+  implementation: str,
+):
+  """Attention of each (query token, head) over its own selection of kv blocks of ``block``
+  tokens (Hs = K: one selection per kv head, shared by its query heads; or N). Kernels:
+  ``pallas_kernels.block_sparse.selected_blocks_attention`` (unselected blocks never
+  loaded); ``xla`` / ``reference``: the blocked path with a per-head chunk-selection mask
+  (``longheads.attend_selected_chunks``)."""
+  if implementation in KERNELS:
+    from pallas_kernels import block_sparse as kernel
+
+    backend, interpret = kernel_backend(implementation)
+    return kernel.selected_blocks_attention(
+      q, k, v, selected, block_size=block, causal=causal, backend=backend, interpret=interpret
+    )
+  from attn_jax.attention import longheads as longheads_lib
+
+  N = q.shape[2]
+  if selected.shape[1] != N:
+    selected = jnp.repeat(selected, N // selected.shape[1], axis=1)
+  base = masks_lib.CausalMask() if causal else None
+  return longheads_lib.attend_selected_chunks(q, k, v, selected, block, base, implementation)
 
 
 def block_sparse_attention(
@@ -74,16 +104,11 @@ def block_sparse_attention(
   S, K = k.shape[1], k.shape[2]
   if K == 0 or N % K:
     raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
-  Lq, Lk = block_pair(block_size)
-  if impl.startswith("pallas"):
-    from pallas_kernels import block_sparse as kernel
+  from pallas_kernels import block_sparse as kernel  # list validation, shared with the kernels
 
-    backend = "gpu" if impl == "pallas_gpu" else "tpu"
-    interpret = False
-    if impl == "pallas_interpret":
-      from jax.experimental.pallas import tpu as pltpu
-
-      interpret = pltpu.InterpretParams()
+  Lq, Lk = kernel.block_pair(block_size)
+  if impl in KERNELS:
+    backend, interpret = kernel_backend(impl)
     return kernel.block_sparse_attention(
       q,
       k,
@@ -98,8 +123,6 @@ def block_sparse_attention(
       backend=backend,
       interpret=interpret,
     )
-  from pallas_kernels import block_sparse as kernel  # list validation, shared with the kernels
-
   nQ, nK = -(-T // Lq), -(-S // Lk)
   kernel.check_lists(kv_count, kv_idx, kv_full, B, N, K, nQ, nK)
   Hs = kv_count.shape[1]

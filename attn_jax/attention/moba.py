@@ -37,12 +37,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from attn_jax.attention import _checks, registry
+from attn_jax.attention import block_sparse as block_sparse_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import masks as masks_lib
 
 PAPER = "MoBA: Mixture of Block Attention for Long-Context LLMs"
-_KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
-IMPLEMENTATIONS = ("reference", "xla", *_KERNELS)
+IMPLEMENTATIONS = block_sparse_lib.IMPLEMENTATIONS
 
 
 def moba_select(
@@ -102,29 +102,15 @@ def moba(
   impl = implementation or "xla"
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
-  if impl in _KERNELS:
+  if impl in block_sparse_lib.KERNELS:
     if mask is not None:
       raise NotImplementedError(
         f"moba implementation {impl!r} takes no extra mask (the kernel's predicate holds the "
         "selection); use 'xla' or 'reference' with a mask"
       )
-    from pallas_kernels import block_sparse as block_sparse_kernels
-
     selected = moba_select(q_BTNH, k_BSKH, block=moba_block, top_k=moba_top_k)
-    interpret = False
-    if impl == "pallas_interpret":
-      from jax.experimental.pallas import tpu as pltpu
-
-      interpret = pltpu.InterpretParams()
-    out = block_sparse_kernels.selected_blocks_attention(
-      q_BTNH,
-      k_BSKH,
-      v_BSKV,
-      selected,
-      block_size=moba_block,
-      causal=True,
-      backend="gpu" if impl == "pallas_gpu" else "tpu",
-      interpret=interpret,
+    out = block_sparse_lib.selected_blocks_attention(
+      q_BTNH, k_BSKH, v_BSKV, selected, block=moba_block, causal=True, implementation=impl
     )
     return (out, selected) if return_selection else out
   if mask is not None:

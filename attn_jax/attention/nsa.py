@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from attn_jax.attention import block_sparse as block_sparse_lib
 from attn_jax.attention import heads as heads_lib
-from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import masks as masks_lib
 from attn_jax.attention import registry
 from attn_jax.attention.api import dot_product_attention
@@ -55,7 +55,6 @@ from attn_jax.attention.api import dot_product_attention
 PAPER = "Native Sparse Attention: Hardware-Aligned and Natively Trainable Sparse Attention"
 _BASE = ("w_q", "w_k", "w_v", "w_o")
 _NAMES = _BASE + ("w_cmp_k", "w_cmp_v", "w_gate")
-_KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
 
 
 def compress(x_BSKH, w_LKH) -> Float[Array, "B nB K H"]:
@@ -174,27 +173,9 @@ def nsa(
   vc = compress(v, params["w_cmp_v"])
   o_cmp, p_cmp = compressed_attention(q, kc, vc, l)
   selected = select_blocks(p_cmp, K, T, l, int(nsa_top_n))  # [B, K, T, nC]
-  if impl in _KERNELS:
-    from pallas_kernels import block_sparse as kernels
-
-    interpret = False
-    if impl == "pallas_interpret":
-      from jax.experimental.pallas import tpu as pltpu
-
-      interpret = pltpu.InterpretParams()
-    o_slc = kernels.selected_blocks_attention(
-      q,
-      k,
-      v,
-      selected,
-      block_size=l,
-      causal=True,
-      backend="gpu" if impl == "pallas_gpu" else "tpu",
-      interpret=interpret,
-    )
-  else:
-    sel_BNTC = jnp.repeat(selected, N // K, axis=1)
-    o_slc = longheads_lib.attend_selected_chunks(q, k, v, sel_BNTC, l, masks_lib.CausalMask(), impl)
+  o_slc = block_sparse_lib.selected_blocks_attention(
+    q, k, v, selected, block=l, causal=True, implementation=impl
+  )
   o_win = dot_product_attention(
     q, k, v, mask=masks_lib.sliding_window(int(nsa_window)), implementation=impl
   )

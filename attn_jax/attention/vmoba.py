@@ -39,11 +39,10 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from attn_jax.attention import _checks, registry
-from attn_jax.attention import longheads as longheads_lib
+from attn_jax.attention import block_sparse as block_sparse_lib
 
 PAPER = "VMoBA: Mixture-of-Block Attention for Video Diffusion Models"
-_KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
-IMPLEMENTATIONS = ("reference", "xla", *_KERNELS)
+IMPLEMENTATIONS = block_sparse_lib.IMPLEMENTATIONS
 
 
 def _triple(name, value):
@@ -140,26 +139,9 @@ def vmoba(
   b = block[0] * block[1] * block[2]
   q, k, v = (to_blocks(x, grid, block) for x in (q_BTNH, k_BTKH, v_BTKV))
   selected = vmoba_select(q, k, block=b, tau=float(vmoba_tau))
-  if impl in _KERNELS:
-    from pallas_kernels import block_sparse as kernels
-
-    interpret = False
-    if impl == "pallas_interpret":
-      from jax.experimental.pallas import tpu as pltpu
-
-      interpret = pltpu.InterpretParams()
-    out = kernels.selected_blocks_attention(
-      q,
-      k,
-      v,
-      selected,
-      block_size=b,
-      causal=False,
-      backend="gpu" if impl == "pallas_gpu" else "tpu",
-      interpret=interpret,
-    )
-  else:
-    out = longheads_lib.attend_selected_chunks(q, k, v, selected, b, None, impl)
+  out = block_sparse_lib.selected_blocks_attention(
+    q, k, v, selected, block=b, causal=False, implementation=impl
+  )
   out = from_blocks(out, grid, block)
   return (out, selected) if return_selection else out
 
