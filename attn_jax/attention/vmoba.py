@@ -12,8 +12,9 @@ Non-causal MoBA for video diffusion transformers, with three changes:
     1-D blocks (bt, Hi, Wi) (temporal: whole frames), 2-D blocks (1, bh, bw) (spatial
     tiles of one frame) or 3-D blocks (bt, bh, bw) (spatio-temporal cubes). The paper
     cycles 1-D → 2-D → 3-D across layers; here the partition is the ``vmoba_block`` of the
-    call (a stack cycles it by giving layers different block shapes). The permutation
-    round-trips exactly (``partition_order`` / its inverse).
+    call, and the NNX kind cycles it by depth (option ``vmoba_block="bt,Hi,Wi;1,bh,bw;..."``:
+    layer l uses entry l − 1 modulo their number). The permutation round-trips exactly
+    (``partition_order`` / its inverse).
   * Global selection (our reading): per query token and head the MoBA gate
     s_t,j = q_t · mean(K_j) (float32) is normalised over the key blocks,
     p_t,j = softmax_j(s_t,j / √H), and the (query, block) pairs of the whole head are ranked

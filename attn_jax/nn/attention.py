@@ -31,6 +31,7 @@ from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
 from attn_jax.attention import sharded as sharded_lib
 from attn_jax.attention import vmoba as vmoba_lib
+from attn_jax.attention import window_2d as w2d_lib
 from attn_jax.nn import layers, projected
 
 # Registry ids this module serves; the registry points their ``module`` field here.
@@ -44,6 +45,8 @@ KINDS = (
   "flexprefill",
   "vmoba",
   "landmark",
+  "window_2d",
+  "davit",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -71,7 +74,7 @@ CAUSAL_ONLY = (
   "qada",
   "periodic_bias",
 )
-NONCAUSAL_ONLY = ("biformer", "vmoba")
+NONCAUSAL_ONLY = ("biformer", "vmoba", "window_2d", "davit")
 DEFAULT_OPTIONS = {
   "biformer_region": 64,
   "biformer_top_k": 4,
@@ -83,6 +86,11 @@ DEFAULT_OPTIONS = {
   "vmoba_block": "64,1,1",
   "vmoba_tau": 0.5,
   "landmark_block": 50,
+  "w2d_grid": "",
+  "w2d_mode": "local;global",
+  "w2d_window": "7,7",
+  "w2d_ratio": "2,2",
+  "davit_mode": "spatial;channel",
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -100,6 +108,11 @@ DEFAULT_OPTIONS = {
   "qada_tau": 0.5,
 }
 POSITIONS = ("rope", "learned", "none")
+
+
+def _ints(text) -> tuple[int, ...]:
+  """ "7,7" -> (7, 7); "" -> ()."""
+  return tuple(int(n) for n in str(text).split(",") if n.strip())
 
 
 class Attention(nnx.Module):
@@ -121,6 +134,7 @@ class Attention(nnx.Module):
   """
 
   DEFAULT_OPTIONS = DEFAULT_OPTIONS  # the option keys configs expose for these kinds
+  TAKES_LAYER_INDEX = True  # depth-cycled options ("a;b": layer l uses entry (l-1) mod 2)
 
   def __init__(
     self,
@@ -138,6 +152,7 @@ class Attention(nnx.Module):
     qk_norm: bool = False,
     options: dict | None = None,
     implementation: str | None = None,
+    layer_index: int = 1,
     rngs: nnx.Rngs,
   ):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -159,6 +174,7 @@ class Attention(nnx.Module):
     self.rope = kind == "rope" or positions == "rope"
     self.rope_base, self.rotary_dim = rope_base, rotary_dim
     self.options = projected.merge_options(kind, options, DEFAULT_OPTIONS)
+    self.layer_index = layer_index
     self.implementation = implementation
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     init = layers.fan_in_init(d_model)
@@ -180,6 +196,16 @@ class Attention(nnx.Module):
       self.k_norm = layers.Norm(head_dim, kind="rmsnorm", rngs=rngs)
     if kind == "sinks":
       self.sinks = layers.param(rngs, jax.nn.initializers.zeros, (num_heads,), ("heads",))
+    if kind == "window_2d" and self._cycled("w2d_mode") == "global":
+      # GSA's depthwise sub-sampling weights, initialised to the window mean.
+      r = math.prod(_ints(self.options["w2d_ratio"]))
+      for name, dim in (("gsa_k", head_dim), ("gsa_v", v_head_dim)):
+        init_mean = jax.nn.initializers.constant(1.0 / r)
+        setattr(
+          self,
+          name,
+          layers.param(rngs, init_mean, (r, num_kv_heads, dim), (None, "kv_heads", None)),
+        )
     if kind == "biformer" and int(self.options["biformer_lce_width"]) > 0:
       # LCE: depthwise conv over V, zero-initialised (the layer starts as pure routing).
       shape = (int(self.options["biformer_lce_width"]), num_kv_heads, v_head_dim)
@@ -187,6 +213,11 @@ class Attention(nnx.Module):
     if kind == "existence_bias":  # continue logit x·w + b per token; σ(8) ≈ 1 − 3e-4 at init
       self.exist_w = layers.param(rngs, jax.nn.initializers.zeros, (d_model,), ("embed",))
       self.exist_b = layers.param(rngs, jax.nn.initializers.constant(8.0), (1,), (None,))
+
+  def _cycled(self, key: str) -> str:
+    """Option ``key``'s entry for this layer: "a;b;c" cycles by depth (layer l: entry l-1)."""
+    parts = [p.strip() for p in str(self.options[key]).split(";")]
+    return parts[(self.layer_index - 1) % len(parts)]
 
   def _mask(self, segment_ids_BT, length: int):
     kind, o = self.kind, self.options
@@ -345,7 +376,7 @@ class Attention(nnx.Module):
         k_BTKH,
         v_BTKH,
         vmoba_grid=tuple(int(n) for n in text.split(",")) if text else None,
-        vmoba_block=tuple(int(n) for n in str(self.options["vmoba_block"]).split(",")),
+        vmoba_block=_ints(self._cycled("vmoba_block")),
         vmoba_tau=float(self.options["vmoba_tau"]),
         implementation=self.implementation,
       )
@@ -361,6 +392,36 @@ class Attention(nnx.Module):
         landmark_block=int(self.options["landmark_block"]),
         implementation=self.implementation,
       )
+    elif self.kind in ("window_2d", "davit"):  # image tokens; options w2d_*, davit_mode
+      if capture:
+        raise NotImplementedError(f"capture=True is not built for attention kind {self.kind!r}")
+      if segment_ids_BT is not None:
+        raise NotImplementedError(f"attention kind {self.kind!r} attends one image; no segment ids")
+      grid = _ints(self.options["w2d_grid"]) or None
+      if self.kind == "davit":
+        out_BTNH = w2d_lib.davit(
+          q_BTNH,
+          k_BTKH,
+          v_BTKH,
+          davit_mode=self._cycled("davit_mode"),
+          davit_grid=grid,
+          davit_window=_ints(self.options["w2d_window"]),
+          implementation=self.implementation,
+        )
+      else:
+        mode = self._cycled("w2d_mode")
+        out_BTNH = w2d_lib.window_2d(
+          q_BTNH,
+          k_BTKH,
+          v_BTKH,
+          w2d_grid=grid,
+          w2d_mode=mode,
+          w2d_window=_ints(self.options["w2d_window"]),
+          w2d_ratio=_ints(self.options["w2d_ratio"]),
+          gsa_k_weight=self.gsa_k[...] if mode == "global" else None,
+          gsa_v_weight=self.gsa_v[...] if mode == "global" else None,
+          implementation=self.implementation,
+        )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
       if capture:
         raise NotImplementedError("capture=True is not built for attention kind 'qada'")
