@@ -52,6 +52,8 @@ class _Builder:
 
   def build(self, mask, q_offset: int):
     """Returns a predicate ``fn(q_idx, kv_idx, q_vals, kv_vals)`` for ``mask``."""
+    if hasattr(mask, "lower_for_kernel"):  # masks defined elsewhere lower themselves
+      return mask.lower_for_kernel(self, q_offset)
     if isinstance(mask, masks_lib.FullMask):
       return lambda qi, ki, qv, kv: jnp.broadcast_to(
         jnp.ones_like(qi, bool), (qi.shape[0], ki.shape[1])

@@ -21,6 +21,7 @@ from attn_jax import sharding
 from attn_jax.attention import api, biases, masks, reference
 from attn_jax.attention import biformer as biformer_lib
 from attn_jax.attention import coca as coca_lib
+from attn_jax.attention import dma as dma_lib
 from attn_jax.attention import flexprefill as flex_lib
 from attn_jax.attention import landmark as landmark_lib
 from attn_jax.attention import longheads as longheads_lib
@@ -47,6 +48,7 @@ KINDS = (
   "landmark",
   "window_2d",
   "davit",
+  "dma",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -65,6 +67,7 @@ KINDS = (
 )
 CAUSAL_ONLY = (
   "flexprefill",
+  "dma",
   "landmark",
   "sink_window",
   "causal",
@@ -91,6 +94,7 @@ DEFAULT_OPTIONS = {
   "w2d_window": "7,7",
   "w2d_ratio": "2,2",
   "davit_mode": "spatial;channel",
+  "dma_window": 64,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -206,6 +210,11 @@ class Attention(nnx.Module):
           name,
           layers.param(rngs, init_mean, (r, num_kv_heads, dim), (None, "kv_heads", None)),
         )
+    if kind == "dma":  # δ = A·softplus(v·W): W = 0, A = 1 start as a sliding window of w keys
+      self.dma_w = layers.param(
+        rngs, jax.nn.initializers.zeros, (num_kv_heads, v_head_dim), ("kv_heads", None)
+      )
+      self.dma_a = layers.param(rngs, jax.nn.initializers.ones, (num_kv_heads,), ("kv_heads",))
     if kind == "biformer" and int(self.options["biformer_lce_width"]) > 0:
       # LCE: depthwise conv over V, zero-initialised (the layer starts as pure routing).
       shape = (int(self.options["biformer_lce_width"]), num_kv_heads, v_head_dim)
@@ -422,6 +431,20 @@ class Attention(nnx.Module):
           gsa_v_weight=self.gsa_v[...] if mode == "global" else None,
           implementation=self.implementation,
         )
+    elif self.kind == "dma":  # value-scored top-w keys per query; option dma_window
+      if capture:
+        raise NotImplementedError("capture=True is not built for attention kind 'dma'")
+      if segment_ids_BT is not None:
+        raise NotImplementedError("attention kind 'dma' takes no segment ids (packing)")
+      out_BTNH = dma_lib.dma(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        dma_w=self.dma_w[...],
+        dma_a=self.dma_a[...],
+        dma_window=int(self.options["dma_window"]),
+        implementation=self.implementation,
+      )
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
       if capture:
         raise NotImplementedError("capture=True is not built for attention kind 'qada'")
