@@ -80,6 +80,7 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.landmark",
   "attn_jax.attention.window_2d",
   "attn_jax.attention.dma",
+  "attn_jax.attention.routing",
   "attn_jax.attention.neighborhood",
   "attn_jax.attention.multi_window",
   "attn_jax.attention.linear",

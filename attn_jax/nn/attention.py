@@ -30,6 +30,7 @@ from attn_jax.attention import multi_window as mw_lib
 from attn_jax.attention import neighborhood as neighborhood_lib
 from attn_jax.attention import qada as qada_lib
 from attn_jax.attention import rope as rope_lib
+from attn_jax.attention import routing as routing_lib
 from attn_jax.attention import sharded as sharded_lib
 from attn_jax.attention import vmoba as vmoba_lib
 from attn_jax.attention import window_2d as w2d_lib
@@ -49,6 +50,7 @@ KINDS = (
   "window_2d",
   "davit",
   "dma",
+  "routing_transformer",
   "gna",
   "mw_mha",
   "chunked_causal",
@@ -67,6 +69,7 @@ KINDS = (
 )
 CAUSAL_ONLY = (
   "flexprefill",
+  "routing_transformer",
   "dma",
   "landmark",
   "sink_window",
@@ -95,6 +98,7 @@ DEFAULT_OPTIONS = {
   "w2d_ratio": "2,2",
   "davit_mode": "spatial;channel",
   "dma_window": 64,
+  "routing_clusters": 8,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -215,6 +219,11 @@ class Attention(nnx.Module):
         rngs, jax.nn.initializers.zeros, (num_kv_heads, v_head_dim), ("kv_heads", None)
       )
       self.dma_a = layers.param(rngs, jax.nn.initializers.ones, (num_kv_heads,), ("kv_heads",))
+    if kind == "routing_transformer":  # centroids, learned on the k-means loss (aux_loss)
+      shape = (num_heads, int(self.options["routing_clusters"]), head_dim)
+      self.centroids = layers.param(
+        rngs, jax.nn.initializers.normal(1.0), shape, ("heads", None, None)
+      )
     if kind == "biformer" and int(self.options["biformer_lce_width"]) > 0:
       # LCE: depthwise conv over V, zero-initialised (the layer starts as pure routing).
       shape = (int(self.options["biformer_lce_width"]), num_kv_heads, v_head_dim)
@@ -445,6 +454,23 @@ class Attention(nnx.Module):
         dma_window=int(self.options["dma_window"]),
         implementation=self.implementation,
       )
+    elif self.kind == "routing_transformer":  # k-means routing; option routing_clusters
+      if capture:
+        raise NotImplementedError(
+          "capture=True is not built for attention kind 'routing_transformer'"
+        )
+      if segment_ids_BT is not None:
+        raise NotImplementedError("attention kind 'routing_transformer' takes no segment ids")
+      centroids = self.centroids[...]
+      out_BTNH, routes = routing_lib.routing_attention(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        centroids=centroids,
+        return_routes=True,
+        implementation="reference" if self.implementation == "reference" else "xla",
+      )
+      projected.sow_aux_loss(self, routing_lib.kmeans_loss(q_BTNH, k_BTKH, centroids, routes))
     elif self.kind == "qada":  # training-free local/full choice; options window, qada_*
       if capture:
         raise NotImplementedError("capture=True is not built for attention kind 'qada'")
