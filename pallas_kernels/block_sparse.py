@@ -58,7 +58,9 @@ Cost model (per call; d = the listed fraction of (q block, kv block) pairs, H = 
     loop overhead and the uneven rows (tail effects across SMs) bound the speedup below
     1 / d for d < 1/8 at short T.
   * Memory: the per-head lists in SMEM: 3 int32 per (example, head, tile row, entry)
-    on TPU (B·Hs·nQk·Mk·12 bytes; at B = 1, Hs = 8, T = 32k with 512 tiles, ≈ 25 KB).
+    on TPU (B·Hs·nQk·Mk·12 bytes; at B = 1, Hs = 8, T = 32k with 512 tiles, ≈ 25 KB). SMEM
+    is far smaller than VMEM: lists for large B·Hs·nQk·Mk may not fit (not measured here:
+    no TPU); per-kv-head lists (Hs = K) or a split batch keep them small.
 
 Limitations: first-order reverse mode only (the flash kernels' ``custom_vjp``); the list
 block sizes must be multiples of the kernel tiles (TPU: bk a multiple of 128, bq of 8; GPU:
