@@ -74,6 +74,19 @@ import numpy as np
 from pallas_kernels import _blocks
 
 
+def _flash_module(backend: str):
+  """The flash kernel module of ``backend`` (imported on use: each imports its backend)."""
+  if backend == "tpu":
+    from pallas_kernels import flash_tpu
+
+    return flash_tpu
+  if backend == "gpu":
+    from pallas_kernels import flash_gpu
+
+    return flash_gpu
+  raise ValueError(f"backend must be 'tpu' or 'gpu'; got {backend!r}")
+
+
 def _is_concrete(x) -> bool:
   return isinstance(x, np.ndarray) or not isinstance(x, jax.core.Tracer)
 
@@ -226,8 +239,7 @@ def block_sparse_attention(
   Returns:
     out ``[B, T, N, Hv]``, then lse (if asked), then visits (if asked).
   """
-  if backend not in ("tpu", "gpu"):
-    raise ValueError(f"backend must be 'tpu' or 'gpu'; got {backend!r}")
+  _flash_module(backend)  # validates backend before the other checks
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or x.ndim != 4:
       raise ValueError(f"{name} must be a 4-d array; got shape {getattr(x, 'shape', None)}")
@@ -270,11 +282,7 @@ def block_sparse_attention(
     nQt, nKt = _blocks.num_blocks(T, tile_q), _blocks.num_blocks(S, tile_kv)
     return _expand(kinds, Lq // tile_q, Lk // tile_kv, nQt, nKt)
 
-  if backend == "tpu":
-    from pallas_kernels import flash_tpu as kernel
-  else:
-    from pallas_kernels import flash_gpu as kernel
-  return kernel.flash_attention(
+  return _flash_module(backend).flash_attention(
     q,
     k,
     v,
@@ -380,12 +388,7 @@ def selected_blocks_attention(
     kinds = tile_kinds(tile_q)
     return _expand(kinds, 1, block_size // tile_kv, kinds.shape[2], _blocks.num_blocks(S, tile_kv))
 
-  if backend == "tpu":
-    from pallas_kernels import flash_tpu as kernel
-  elif backend == "gpu":
-    from pallas_kernels import flash_gpu as kernel
-  else:
-    raise ValueError(f"backend must be 'tpu' or 'gpu'; got {backend!r}")
+  kernel = _flash_module(backend)
   tile_kv = block_size
   if backend == "gpu":
     tile_kv = min(64, block_size & -block_size)  # the largest power-of-two divisor, <= 64

@@ -80,6 +80,27 @@ def value_and_grads(f, args, dout, dlse):
   return out, lse, grads
 
 
+def assert_matches_oracle(fast, ref, args, w):
+  """``fast`` (jitted, on ``args``) vs ``ref`` (float64 copies of ``args``): the output and
+  the gradient of Σ out·w with respect to every argument."""
+
+  def loss(fn):
+    def f(*a):
+      out = fn(*a)
+      return jnp.sum(out * w.astype(out.dtype)), out
+
+    return f
+
+  argnums = tuple(range(len(args)))
+  grads, out = jax.jit(jax.grad(loss(fast), argnums, has_aux=True))(*args)
+  r_grads, r_out = jax.grad(loss(ref), argnums, has_aux=True)(
+    *(a.astype(jnp.float64) for a in args)
+  )
+  assert_close("out", out, r_out)
+  for i, (g, rg) in enumerate(zip(grads, r_grads, strict=True)):
+    assert_close(f"d(argument {i})", g, rg)
+
+
 def assert_close(name, got, want, tol=TOL):
   got = np.asarray(jnp.asarray(got, jnp.float64))
   want = np.asarray(want, np.float64)

@@ -118,6 +118,13 @@ def check_options(dims: Dims, *, mask=None, bias=None, scale=None, softcap=None,
       raise ValueError(f"sinks must have shape [N] = ({dims.N},); got {tuple(sinks.shape)}")
 
 
+def positive_int(name: str, value) -> int:
+  """``value`` as an int >= 1 (bools and non-ints refused), else ValueError naming it."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+  return value
+
+
 def check_block_size(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive int; got {value!r}")

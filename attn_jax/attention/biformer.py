@@ -41,12 +41,6 @@ PAPER = "BiFormer: Vision Transformer with Bi-Level Routing Attention"
 IMPLEMENTATIONS = block_sparse_lib.IMPLEMENTATIONS
 
 
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be a positive int; got {value!r}")
-  return int(value)
-
-
 def region_means(x_BTNH: Float[Array, "B T N H"], region: int) -> Float[Array, "B R N H"]:
   """Per-region mean over the real tokens (the last region may be shorter), float32."""
   B, T, N, H = x_BTNH.shape
@@ -114,8 +108,8 @@ def biformer(
     ``[B, T, N, Hv]`` (and the routes).
   """
   dims = _checks.check_qkv(q_BTNH, k_BSKH, v_BSKV)
-  region = _positive_int("biformer_region", biformer_region)
-  top_k = _positive_int("biformer_top_k", biformer_top_k)
+  region = _checks.positive_int("biformer_region", biformer_region)
+  top_k = _checks.positive_int("biformer_top_k", biformer_top_k)
   if lce_weight is not None:
     if getattr(lce_weight, "ndim", None) != 3 or lce_weight.shape[1:] != (dims.K, dims.Hv):
       raise ValueError(

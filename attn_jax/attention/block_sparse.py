@@ -26,6 +26,7 @@ Implementations:
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from attn_jax.attention import _checks
 from attn_jax.attention import api as api_lib
 from attn_jax.attention import masks as masks_lib
 
@@ -97,13 +98,7 @@ def block_sparse_attention(
   impl = implementation or "xla"
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or x.ndim != 4:
-      raise ValueError(f"{name} must be a 4-d array; got shape {getattr(x, 'shape', None)}")
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  if K == 0 or N % K:
-    raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
+  B, T, S, N, K, H, _ = _checks.check_qkv(q, k, v)
   from pallas_kernels import block_sparse as kernel  # list validation, shared with the kernels
 
   Lq, Lk = kernel.block_pair(block_size)

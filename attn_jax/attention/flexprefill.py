@@ -168,8 +168,7 @@ def flexprefill(
   dims = _checks.check_qkv(q_BTNH, k_BTKH, v_BTKV)
   if dims.S != dims.T:
     raise ValueError(f"flexprefill is causal self-attention (prefill): needs S == T; got {dims}")
-  if isinstance(flex_block, bool) or not isinstance(flex_block, int) or flex_block < 1:
-    raise ValueError(f"flex_block must be an int >= 1; got {flex_block!r}")
+  _checks.positive_int("flex_block", flex_block)
   if not 0 < float(flex_gamma) <= 1:
     raise ValueError(f"flex_gamma must be in (0, 1]; got {flex_gamma!r}")
   if not float(flex_tau) >= 0:

@@ -168,8 +168,7 @@ def landmark_attention(
   dims = _checks.check_qkv(q_BTNH, k_BTKH, v_BTKV)
   if dims.S != dims.T:
     raise ValueError(f"landmark attention is causal self-attention: needs S == T; got {dims}")
-  if isinstance(landmark_block, bool) or not isinstance(landmark_block, int) or landmark_block < 1:
-    raise ValueError(f"landmark_block must be an int >= 1; got {landmark_block!r}")
+  _checks.positive_int("landmark_block", landmark_block)
   impl = implementation or "xla"
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")

@@ -43,12 +43,6 @@ DEFAULT_CHUNK = 64
 DEFAULT_TOP_K = 4
 
 
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-  return value
-
-
 def chunk_keys(k_BSKH: Float[Array, "B S K H"], chunk: int) -> Float[Array, "B nC K H"]:
   """Mean key of every chunk of ``chunk`` tokens (the last chunk over its real keys)."""
   B, S, K, H = k_BSKH.shape
@@ -118,8 +112,8 @@ def longheads(
   dims = _checks.check_qkv(q_BTNH, k_BSKH, v_BSKV)
   if not isinstance(causal, bool):
     raise ValueError(f"causal must be a bool; got {causal!r}")
-  chunk = _positive_int("longheads_chunk", longheads_chunk)
-  top_k = _positive_int("longheads_top_k", longheads_top_k)
+  chunk = _checks.positive_int("longheads_chunk", longheads_chunk)
+  top_k = _checks.positive_int("longheads_top_k", longheads_top_k)
   if top_k < 2 and -(-dims.S // chunk) > 1:
     raise ValueError(
       f"longheads_top_k must be >= 2 (the first and the local chunk are always kept); got {top_k}"

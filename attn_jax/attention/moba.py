@@ -94,9 +94,8 @@ def moba(
     return_selection: also return the selection, bool ``[B, N, T, nC]``.
   """
   dims = _checks.check_qkv(q_BTNH, k_BSKH, v_BSKV)
-  for name, value in (("moba_block", moba_block), ("moba_top_k", moba_top_k)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+  _checks.positive_int("moba_block", moba_block)
+  _checks.positive_int("moba_top_k", moba_top_k)
   if mask is not None and not isinstance(mask, masks_lib.Mask):
     raise ValueError(f"mask must be an attn_jax.attention.masks.Mask or None; got {type(mask)}")
   impl = implementation or "xla"

@@ -25,9 +25,9 @@ head's H channels are one group, the channels become the tokens,
 
     A_n = softmax(Q_nᵀ·K_n / √H) ∈ R^(H×H),   out_n = V_n·A_nᵀ ∈ R^(T×H)
 
-(global over all pixels, linear in T; Hv = H). It equals standard attention applied to the
-transposed token matrices (``[B, H, N, T]``) with scale 1/√H, which is how the ``reference``
-implementation computes it; ``xla`` uses the three einsums directly.
+(global over all pixels, linear in T; Hv = H). It is standard attention applied to the
+transposed token matrices (``[B, H, N, T]``, the T pixels as the head dim) with scale 1/√H,
+which is how every implementation computes it.
 
 The NNX kinds cycle the mode by depth (``"local;global"``, ``"spatial;channel"``): layer l
 uses entry (l − 1) mod (number of entries).
@@ -152,24 +152,16 @@ def channel_attention(q_BTNH, k_BTKH, v_BTKV, *, implementation: str | None = No
   dims = _checks.check_qkv(q_BTNH, k_BTKH, v_BTKV)
   if dims.S != dims.T or dims.Hv != dims.H:
     raise ValueError(f"channel attention needs S == T and Hv == H; got {dims}")
-  impl = implementation or "xla"
-  scale = 1.0 / float(np.sqrt(dims.H))
-  if impl == "reference":  # standard attention on the transposed token matrices
-    t = lambda x: x.transpose(0, 3, 2, 1)  # noqa: E731  [B, T, n, H] -> [B, H, n, T]
-    out = dot_product_attention(
-      t(q_BTNH), t(k_BTKH), t(v_BTKV), scale=scale, implementation="reference"
-    )
-    return t(out)
-  if impl not in ("xla",) + registry.KERNEL_IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
-  G = dims.N // dims.K
-  dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
-  q = q_BTNH.astype(dtype).reshape(dims.B, dims.T, dims.K, G, dims.H)
-  s = jnp.einsum("BTKGC,BTKD->BKGCD", q, k_BTKH.astype(dtype)) * scale  # [.., H, H]
-  a = jnp.exp(s - s.max(-1, keepdims=True))
-  a = a / a.sum(-1, keepdims=True)
-  out = jnp.einsum("BTKD,BKGCD->BTKGC", v_BTKV.astype(dtype), a)
-  return out.reshape(dims.B, dims.T, dims.N, dims.H).astype(q_BTNH.dtype)
+  # Channels become the tokens: [B, T, n, H] -> [B, H, n, T]; one attention call.
+  t = lambda x: x.transpose(0, 3, 2, 1)  # noqa: E731
+  out = dot_product_attention(
+    t(q_BTNH),
+    t(k_BTKH),
+    t(v_BTKV),
+    scale=1.0 / float(np.sqrt(dims.H)),
+    implementation=implementation,
+  )
+  return t(out)
 
 
 @typing.no_type_check
