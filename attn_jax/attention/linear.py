@@ -14,12 +14,15 @@ attention / retention: ``lightning``) or data-dependent ``[B, T, N]`` (``simple_
 a ones column, so the state is ``[H, Hv + 1]``). Feature maps φ: identity, elu+1, relu,
 softmax over the feature dim (random-feature maps are not built).
 
-Three implementations: ``"reference"`` — the token-by-token ``lax.scan`` oracle; ``"xla"``
-(default) — the chunkwise-parallel form; the Pallas kernel is separate work (the Pallas
-names raise). ``mode="chunk"`` is for training and prefill; ``mode="recurrent"`` runs the
-token scan (decoding, one or a few tokens against a carried state) whatever the
-implementation. State accumulates in float32. ``segment_ids [B, T]`` reset the state at
-every document start of a packed row; ``initial_state`` is the state before token 0.
+Implementations: ``"reference"`` — the token-by-token ``lax.scan`` oracle; ``"xla"``
+(default) — the chunkwise-parallel form; ``"pallas_tpu"`` / ``"pallas_gpu"`` — the chunked
+Pallas kernels of ``pallas_kernels.linear_chunk`` (forward and backward; chunk_size a
+multiple of 8 on TPU, a power of two >= 16 on GPU); ``"pallas_interpret"`` — the TPU kernel
+with TPU memory simulated, on any host. ``mode="chunk"`` is for training and prefill;
+``mode="recurrent"`` runs the token scan (decoding, one or a few tokens against a carried
+state) whatever the implementation. State accumulates in float32. ``segment_ids [B, T]``
+reset the state at every document start of a packed row; ``initial_state`` is the state
+before token 0.
 
 Chunked form, per chunk of C tokens with b_t = Σ_(r <= t) g_r (cumulative inside the chunk)
 and S_0 the state entering the chunk::
@@ -41,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from attn_jax.attention import api as api_lib
 from attn_jax.attention import registry
 
 FEATURE_MAPS = ("identity", "elu1", "relu", "softmax", "taylor")
 MODES = ("chunk", "recurrent")
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_interpret")
+KERNELS = IMPLEMENTATIONS[2:]
 
 
 def feature_map(x, kind: str):
@@ -234,7 +237,8 @@ def linear_attention(
     segment_ids: ``[B, T]`` ints; the state restarts where the id changes.
     chunk_size: C of the chunked form.
     mode: "chunk" (training, prefill) or "recurrent" (decoding: the token scan).
-    implementation: "reference" (token scan) or "xla" (chunked; default).
+    implementation: "reference" (token scan), "xla" (chunked; default) or a Pallas kernel
+      ("pallas_tpu", "pallas_gpu", "pallas_interpret").
 
   Returns:
     ``out [B, T, N, Hv]`` in q's dtype (and the final state, float32).
@@ -242,11 +246,6 @@ def linear_attention(
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
-    if implementation in api_lib.IMPLEMENTATIONS:
-      raise NotImplementedError(
-        f"linear_attention implementation {implementation!r} is not built: the chunked "
-        "Pallas kernel is separate work; use 'xla' (chunked) or 'reference' (token scan)"
-      )
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
@@ -255,6 +254,8 @@ def linear_attention(
   p = _prepare(q, k, v, log_decay, scale, feature_map, normalize, initial_state, segment_ids)
   if mode == "recurrent" or implementation == "reference":
     out, S = _scan(p)
+  elif implementation in KERNELS:
+    out, S = run_kernel(p, chunk_size, implementation)
   else:
     out, S = _chunked(p, chunk_size)
   if normalize:
@@ -262,6 +263,25 @@ def linear_attention(
     out = out[..., :-1] / jnp.where(jnp.abs(den) > 1e-6, den, 1e-6)
   out = out.astype(q.dtype)
   return (out, S) if return_final_state else out
+
+
+def run_kernel(p: _Prepared, chunk_size: int, implementation: str):
+  """The prepared recurrence on ``pallas_kernels.linear_chunk``: (out, final state)."""
+  from attn_jax.attention import block_sparse
+  from pallas_kernels import linear_chunk
+
+  backend, interpret = block_sparse.kernel_backend(implementation)
+  return linear_chunk.chunked_linear_attention(
+    p.q,
+    p.k,
+    p.v,
+    p.g,
+    p.reset,
+    p.state,
+    chunk_size=chunk_size,
+    backend=backend,
+    interpret=interpret,
+  )
 
 
 def materialised(q, k, v, log_decay=None, *, scale=None, feature_map="identity", normalize=False):
@@ -366,3 +386,158 @@ for _id, _paper, _build, _check in (
       module="attn_jax.nn.linear:LinearAttention",
     )
   )
+
+
+# ---------------------------------------------------------------------------------------
+# HGRN-2 (HGRN2: Gated Linear RNNs with State Expansion) on the per-dimension-gate path.
+# ---------------------------------------------------------------------------------------
+
+
+def hgrn2_gates(forget_logits, lower_bound=0.0):
+  """(log f, 1 − f) of the forget gate f = γ + (1 − γ)·σ(z), both in float32.
+
+  ``1 − f = (1 − γ)·σ(−z)`` is formed directly (no cancellation when f is near 1), and
+  ``log f`` as ``log1p(−(1 − f))`` where 1 − f < 1/2, else ``log f``, so it stays accurate at
+  both ends; ``lower_bound`` γ broadcasts against the logits.
+  """
+  z = jnp.asarray(forget_logits).astype(jnp.promote_types(forget_logits.dtype, jnp.float32))
+  gamma = jnp.asarray(lower_bound).astype(z.dtype)
+  one_minus_f = (1 - gamma) * jax.nn.sigmoid(-z)
+  small = one_minus_f < 0.5
+  f = gamma + (1 - gamma) * jax.nn.sigmoid(z)
+  log_f = jnp.where(
+    small,
+    jnp.log1p(-jnp.where(small, one_minus_f, 0.0)),
+    jnp.log(jnp.maximum(jnp.where(small, 1.0, f), jnp.finfo(z.dtype).tiny)),
+  )
+  return log_f, one_minus_f
+
+
+def hgrn2_lower_bound(theta, layer_index: int, num_layers: int = 0):
+  """The learned forget-gate lower bound of layer ``layer_index`` (1-based), rising with depth.
+
+  γ_l = lo_l + (hi_l − lo_l)·σ(θ) inside a band of layer l: ``[(l − 1)/L, l/L)`` for
+  ``num_layers`` L > 0, else ``[1 − 2^(1−l), 1 − 2^(−l))`` (no depth needed). Bands of
+  different layers do not overlap, so γ grows strictly with depth for any learned θ.
+  HGRN makes γ monotone with a softmax over all layers' parameters followed by a cumulative
+  sum (one parameter shared by the stack); our stacks build each layer alone, so the
+  monotonicity comes from the bands instead (our choice).
+  """
+  if isinstance(layer_index, bool) or not isinstance(layer_index, int | np.integer):
+    raise ValueError(f"layer_index must be an int >= 1; got {layer_index!r}")
+  if isinstance(num_layers, bool) or not isinstance(num_layers, int | np.integer):
+    raise ValueError(f"num_layers must be an int >= 0; got {num_layers!r}")
+  if layer_index < 1 or num_layers < 0 or (num_layers and layer_index > num_layers):
+    raise ValueError(
+      f"need 1 <= layer_index <= num_layers (num_layers 0: unknown); got {layer_index=}, "
+      f"{num_layers=}"
+    )
+  if num_layers:
+    lo, hi = (layer_index - 1) / num_layers, layer_index / num_layers
+  else:
+    lo, hi = 1.0 - 2.0 ** (1 - layer_index), 1.0 - 2.0 ** (-layer_index)
+  return lo + (hi - lo) * jax.nn.sigmoid(jnp.asarray(theta, jnp.float32))
+
+
+@typing.no_type_check
+def hgrn2_attention(
+  q: Float[Array, "B T N H"],
+  forget_logits: Float[Array, "B T K H"],
+  i: Float[Array, "B T K Hv"],
+  *,
+  lower_bound=0.0,
+  scale: float = 1.0,
+  initial_state=None,
+  return_final_state: bool = False,
+  segment_ids: Int[Array, "B T"] | None = None,
+  chunk_size: int = 64,
+  mode: str = "chunk",
+  implementation: str | None = None,
+):
+  """HGRN-2 (HGRN2: Gated Linear RNNs with State Expansion) as a ``gla`` recurrence.
+
+  Per head, with the forget gate f_t = γ + (1 − γ)·σ(z_t) ∈ (γ, 1)^H (γ the lower bound),
+  the input i_t and the output gate g_t (``q``)::
+
+      h_t = diag(f_t)·h_(t−1) + (1 − f_t)·i_tᵀ        o_t = scale · h_tᵀ g_t     h: [H, Hv]
+
+  i.e. ``linear_attention(g, 1 − f, i, log f)`` with per-key-dimension gates: k = 1 − f (the
+  input gate tied to the forget gate), α = f, v = i, q = g. The forget logits and inputs
+  have K heads and are repeated to the N heads (the lower bound may differ per query head).
+  ``scale`` defaults to 1 (the paper's o_t = h_tᵀ g_t has none).
+
+  Args:
+    q: output gate g ``[B, T, N, H]``.
+    forget_logits: z ``[B, T, K, H]`` (N % K == 0).
+    i: input ``[B, T, K, Hv]``.
+    lower_bound: γ in [0, 1): a scalar, ``[N]`` or ``[N, H]``.
+    scale, initial_state, return_final_state, segment_ids, chunk_size, mode,
+      implementation: as ``linear_attention`` (the state is ``[B, N, H, Hv]``).
+
+  Returns:
+    ``out [B, T, N, Hv]`` in q's dtype (and the final state, float32).
+  """
+  for name, a in (("q", q), ("forget_logits", forget_logits), ("i", i)):
+    if getattr(a, "ndim", None) != 4 or not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array of rank 4; got {getattr(a, 'shape', a)}")
+  B, T, N, H = q.shape
+  K = forget_logits.shape[2]
+  if forget_logits.shape != (B, T, K, H) or i.shape[:3] != (B, T, K):
+    raise ValueError(
+      f"forget_logits must be [B={B}, T={T}, K, H={H}] and i [B, T, K, Hv]; got "
+      f"forget_logits {forget_logits.shape}, i {i.shape}"
+    )
+  if N % K:
+    raise ValueError(f"kv heads K={K} must divide the query heads N={N}")
+  gamma = jnp.asarray(lower_bound)
+  if gamma.shape not in ((), (N,), (N, H)) or not jnp.issubdtype(gamma.dtype, jnp.floating):
+    raise ValueError(
+      f"lower_bound must be a float scalar, [N={N}] or [N, H]={(N, H)}; got {gamma.shape}"
+    )
+  if not isinstance(gamma, jax.core.Tracer) and not bool(np.all((gamma >= 0) & (gamma < 1))):
+    raise ValueError(
+      f"lower_bound must lie in [0, 1); got values in [{gamma.min()}, {gamma.max()}]"
+    )
+  if gamma.ndim == 1:
+    gamma = gamma[:, None]
+  if K != N:
+    forget_logits = jnp.repeat(forget_logits, N // K, axis=2)
+    i = jnp.repeat(i, N // K, axis=2)
+  log_f, one_minus_f = hgrn2_gates(forget_logits, gamma)
+  return linear_attention(
+    q,
+    one_minus_f,
+    i,
+    log_f,
+    scale=scale,
+    initial_state=initial_state,
+    return_final_state=return_final_state,
+    segment_ids=segment_ids,
+    chunk_size=chunk_size,
+    mode=mode,
+    implementation=implementation,
+  )
+
+
+def _build_hgrn2(key, dims, causal):
+  del causal
+  return {"lower_bound": jax.random.uniform(key, (dims.N, dims.H), maxval=0.9), "chunk_size": 8}
+
+
+registry.register(
+  registry.Mechanism(
+    id="hgrn2",
+    family="g",
+    paper="HGRN2: Gated Linear RNNs with State Expansion",
+    entry_point="attn_jax.attention.linear:hgrn2_attention",
+    implementations=IMPLEMENTATIONS,
+    patterns=frozenset((registry.SELF_CAUSAL,)),
+    decode=False,
+    tier=2,
+    check="Equals gla (linear_attention with per-dimension gates) under k = 1 − f, α = f, "
+    "v = i, q = g. The chunk form equals the recurrence; two halves with the carried state "
+    "equal one pass. Forget-gate lower bounds rise strictly with depth.",
+    build=_build_hgrn2,
+    module="attn_jax.nn.linear:LinearAttention",
+  )
+)
