@@ -143,5 +143,7 @@ def test_bad_inputs(rng):
   q, k, v, beta, _ = inputs(rng, T=8)
   with pytest.raises(ValueError, match="beta must be a float array"):
     dl.delta_rule_attention(q, k, v, beta[:, :4])
-  with pytest.raises(NotImplementedError, match="'pallas_gpu' is not built"):
-    dl.delta_rule_attention(q, k, v, beta, implementation="pallas_gpu")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    dl.delta_rule_attention(q, k, v, beta, implementation="flash")
+  with pytest.raises(ValueError, match="takes log_decay"):
+    dl.delta_rule_attention(q, k, v, beta, jnp.zeros(q.shape[:3] + (q.shape[-1],)))

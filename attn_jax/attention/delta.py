@@ -23,8 +23,10 @@ log decay inside the chunk, and S_0 the entering state::
 Every ratio γ_t/γ_s is formed as e^(b_t − b_s) with b_t − b_s <= 0. A document start (a
 segment reset) acts as α = 0 at that token; the chunk form cuts every term across it the way
 ``attn_jax.attention.linear`` does (pair terms only within a run, S_0 only before the first
-reset). Implementations: ``"reference"`` (token scan) and ``"xla"`` (chunked, default);
-``mode="recurrent"`` is the token scan for decoding. The Pallas kernel is separate work.
+reset). Implementations: ``"reference"`` (token scan), ``"xla"`` (chunked, default) and the
+Pallas kernels of ``pallas_kernels.delta_chunk`` (``"pallas_tpu"``, ``"pallas_gpu"``,
+``"pallas_interpret"``: the same chunked form, forward and backward, in-kernel triangular
+solve); ``mode="recurrent"`` is the token scan for decoding.
 """
 
 import typing
@@ -33,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from attn_jax.attention import api as api_lib
 from attn_jax.attention import linear as linear_lib
 from attn_jax.attention import registry
 
@@ -41,6 +42,8 @@ from attn_jax.attention import registry
 def _prepare(q, k, v, beta, log_decay, scale, initial_state, segment_ids):
   p = linear_lib._prepare(q, k, v, log_decay, scale, "identity", False, initial_state, segment_ids)
   B, T, N, _ = p.q.shape
+  if p.g.ndim != 3:
+    raise ValueError(f"the delta rule takes log_decay [N] or [B, T, N]; got {p.g.shape}")
   b = jnp.asarray(beta)
   if b.shape != (B, T, N) or not jnp.issubdtype(b.dtype, jnp.floating):
     raise ValueError(f"beta must be a float array [B, T, N] = {(B, T, N)}; got {b.shape}")
@@ -130,11 +133,6 @@ def delta_rule_attention(
   if mode not in linear_lib.MODES:
     raise ValueError(f"mode must be one of {linear_lib.MODES}; got {mode!r}")
   if implementation is not None and implementation not in linear_lib.IMPLEMENTATIONS:
-    if implementation in api_lib.IMPLEMENTATIONS:
-      raise NotImplementedError(
-        f"delta_rule_attention implementation {implementation!r} is not built: the chunked "
-        "Pallas kernel is separate work; use 'xla' (chunked) or 'reference' (token scan)"
-      )
     raise ValueError(
       f"implementation must be one of {linear_lib.IMPLEMENTATIONS}; got {implementation!r}"
     )
@@ -145,6 +143,23 @@ def delta_rule_attention(
   p, b = _prepare(q, k, v, beta, log_decay, scale, initial_state, segment_ids)
   if mode == "recurrent" or implementation == "reference":
     out, S = _scan(p, b)
+  elif implementation in linear_lib.KERNELS:
+    from attn_jax.attention import block_sparse
+    from pallas_kernels import delta_chunk
+
+    backend, interpret = block_sparse.kernel_backend(implementation)
+    out, S = delta_chunk.chunked_delta_rule(
+      p.q,
+      p.k,
+      p.v,
+      b,
+      p.g,
+      p.reset,
+      p.state,
+      chunk_size=chunk_size,
+      backend=backend,
+      interpret=interpret,
+    )
   else:
     out, S = _chunked(p, b, chunk_size)
   out = out.astype(q.dtype)
