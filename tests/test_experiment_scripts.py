@@ -1,5 +1,6 @@
 """Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
-brute force, the out-of-distribution range rule, a smoke run of bench_sparse.py, and (slow)
+brute force, the out-of-distribution range rule, smoke runs of bench_sparse.py and
+bench_linear.py, and (slow)
 two-step smoke runs of positional_tasks.py and diff_attention_maps.py."""
 
 import itertools
@@ -13,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import bench_linear  # noqa: E402
 import bench_sparse  # noqa: E402
 import diff_attention_maps  # noqa: E402
 import positional_tasks as pt  # noqa: E402
@@ -82,3 +84,27 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
   assert all(r["ideal_speedup"] >= 1 and r["fwd_s"] > 0 for r in rows)
   assert rows[0]["causal_tiles"] == 10  # 4 q blocks: 1 + 2 + 3 + 4 causal tiles
   assert (tmp_path / "bs.md").exists()
+
+
+def test_bench_linear_runs_and_finds_the_crossover(tmp_path):
+  rows = bench_linear.main(
+    [
+      "--ts=128,256",
+      "--ops=softmax,lightning,delta_rule",
+      "--softmax_max=128",
+      "--chunk=32",
+      "--reps=1",
+      f"--out={tmp_path / 'bl'}",
+    ]
+  )
+  assert [(r["op"], r["T"]) for r in rows] == [
+    ("softmax", 128),
+    ("lightning", 128),
+    ("delta_rule", 128),
+    ("lightning", 256),
+    ("delta_rule", 256),
+  ]
+  assert all(r["fwd_s"] > 0 and r["fwd_bwd_peak_mb"] > 0 for r in rows)
+  saved = json.loads((tmp_path / "bl.json").read_text())
+  assert saved["settings"]["complete"] and set(saved["crossover_T"]) == {"lightning", "delta_rule"}
+  assert "Crossover" in (tmp_path / "bl.md").read_text()

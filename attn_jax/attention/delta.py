@@ -64,47 +64,74 @@ def _scan(p, beta):
   return jnp.moveaxis(out, 0, 1), S
 
 
+def unit_lower_inverse(a):
+  """(I + A)⁻¹ for strictly lower-triangular ``a [..., C, C]`` by block substitution: the
+  inverses of the diagonal blocks double in size each level, X21 = −X22·L21·X11 (exact
+  like forward substitution, ~C³/6 multiply-adds, batched matmuls; C is padded to a power of
+  two with an identity extension)."""
+  C = a.shape[-1]
+  P = 1 << max(C - 1, 0).bit_length()
+  lead = a.shape[:-2]
+  if P != C:
+    a = jnp.pad(a, [(0, 0)] * len(lead) + [(0, P - C), (0, P - C)])
+  d = jnp.ones(lead + (P, 1, 1), a.dtype)
+  s = 1
+  while s < P:
+    nb = P // (2 * s)
+    blocks = jnp.diagonal(a.reshape(lead + (nb, 2 * s, nb, 2 * s)), axis1=-4, axis2=-2)
+    l21 = jnp.moveaxis(blocks, -1, -3)[..., s:, :s]  # [..., nb, s, s]
+    x11, x22 = d[..., 0::2, :, :], d[..., 1::2, :, :]
+    x21 = -jnp.einsum("...ij,...jk,...kl->...il", x22, l21, x11)
+    top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+    d = jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
+    s *= 2
+  return d[..., 0, :C, :C]
+
+
 def _chunked(p, beta, C: int):
+  """Everything that does not depend on the state (A, its inverse, W, U, the masked Q Kᵀ
+  and the decays) is computed for all chunks at once; the scan only carries S."""
   B, T, N, H = p.q.shape
   Hv = p.v.shape[-1]
   nC = -(-T // C)
   pad = nC * C - T
 
-  def chunks(a, fill=0):
+  def chunks(a, fill=0):  # [B, T, ...] -> [B, nC, C, ...]
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(a.reshape((B, nC, C) + a.shape[2:]), 1, 0)
+    return a.reshape((B, nC, C) + a.shape[2:])
 
-  xs = (chunks(p.q), chunks(p.k), chunks(p.v), chunks(p.g), chunks(p.reset, False), chunks(beta))
-  eye = jnp.eye(C, dtype=p.q.dtype)
+  q, k, v, g = chunks(p.q), chunks(p.k), chunks(p.v), chunks(p.g)  # [B, nC, C, N(, ·)]
+  r, bt = chunks(p.reset, False), chunks(beta)
   incl = jnp.tril(jnp.ones((C, C), bool))
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  bcum = jnp.cumsum(g, axis=2)  # [B, nC, C, N]
+  c = jnp.cumsum(r.astype(jnp.int32), axis=2)  # [B, nC, C]
+  same = c[..., :, None] == c[..., None, :]  # [B, nC, t, s]
+  diff = jnp.moveaxis(bcum[:, :, :, None, :] - bcum[:, :, None, :, :], -1, 2)  # [B,nC,N,t,s]
+  gam_in = jnp.exp(jnp.where((same & incl)[:, :, None], diff, -jnp.inf))  # Γ ⊙ M
+  gam_strict = jnp.where(strict, gam_in, 0.0)
+  btn = jnp.moveaxis(bt, -1, 2)  # [B, nC, N, C]
+  kk = jnp.einsum("BKTNH,BKSNH->BKNTS", k, k)
+  x = unit_lower_inverse(btn[..., :, None] * kk * gam_strict)  # (I + A)⁻¹
+  tm = x * btn[..., None, :]  # (I + A)⁻¹ diag(β)
+  start = (c == 0)[..., None] * jnp.exp(bcum)  # γ_t where S_0 still reaches t, [B, nC, C, N]
+  W = jnp.einsum("BKNTS,BKSNH->BKTNH", tm, k * start[..., None])
+  U0 = jnp.einsum("BKNTS,BKSNV->BKTNV", tm, v)
+  qk = jnp.einsum("BKTNH,BKSNH->BKNTS", q, k) * gam_in
+  last = c[:, :, -1:]
+  to_end = jnp.exp(jnp.where((c == last)[..., None], bcum[:, :, -1:, :] - bcum, -jnp.inf))
+  keep = jnp.where(last[..., 0] == 0, 1.0, 0.0)[..., None] * jnp.exp(bcum[:, :, -1])  # [B,nC,N]
+  kend = k * to_end[..., None]
 
-  def step(S0, x):
-    q, k, v, g, r, bt = x  # [B, C, N, ·], g and bt [B, C, N], r [B, C]
-    bcum = jnp.cumsum(g, axis=1)
-    c = jnp.cumsum(r.astype(jnp.int32), axis=1)
-    same = c[:, :, None] == c[:, None, :]  # [B, t, s]
-    diff = bcum[:, :, None, :] - bcum[:, None, :, :]  # [B, t, s, N]
-    gam_in = jnp.exp(jnp.where((same & incl)[..., None], diff, -jnp.inf))  # Γ ⊙ M
-    gam_strict = jnp.where(strict[None, :, :, None], gam_in, 0.0)
-    kk = jnp.einsum("BTNH,BSNH->BNTS", k, k)
-    A = bt.transpose(0, 2, 1)[..., :, None] * kk * gam_strict.transpose(0, 3, 1, 2)  # [B,N,t,s]
-    Tm = jax.scipy.linalg.solve_triangular(
-      eye + A, jnp.broadcast_to(eye, A.shape) * bt.transpose(0, 2, 1)[..., None, :], lower=True
-    )  # (I + A)⁻¹ diag(β)
-    start = (c == 0)[:, :, None] * jnp.exp(bcum)  # γ_t where S_0 still reaches t, [B, C, N]
-    W = jnp.einsum("BNTS,BSNH->BTNH", Tm, k * start[..., None])
-    U = jnp.einsum("BNTS,BSNV->BTNV", Tm, v)
-    U = U - jnp.einsum("BTNH,BNHV->BTNV", W, S0)
-    qk = jnp.einsum("BTNH,BSNH->BNTS", q, k) * gam_in.transpose(0, 3, 1, 2)
-    out = jnp.einsum("BTNH,BNHV->BTNV", q * start[..., None], S0)
-    out = out + jnp.einsum("BNTS,BSNV->BTNV", qk, U)
-    last = c[:, -1:]
-    to_end = jnp.exp(jnp.where((c == last)[:, :, None], bcum[:, -1:, :] - bcum, -jnp.inf))
-    keep = jnp.where(last[:, 0] == 0, 1.0, 0.0)[:, None] * jnp.exp(bcum[:, -1])  # [B, N]
-    S = keep[..., None, None] * S0 + jnp.einsum("BSNH,BSNV->BNHV", k * to_end[..., None], U)
+  def step(S0, xs):
+    q_, start_, W_, U0_, qk_, keep_, kend_ = xs
+    U = U0_ - jnp.einsum("BTNH,BNHV->BTNV", W_, S0)
+    out = jnp.einsum("BTNH,BNHV->BTNV", q_ * start_[..., None], S0)
+    out = out + jnp.einsum("BNTS,BSNV->BTNV", qk_, U)
+    S = keep_[..., None, None] * S0 + jnp.einsum("BSNH,BSNV->BNHV", kend_, U)
     return S, out
 
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, start, W, U0, qk, keep, kend))
   S, out = jax.lax.scan(step, p.state, xs)
   return jnp.moveaxis(out, 0, 1).reshape(B, nC * C, N, Hv)[:, :T], S
 

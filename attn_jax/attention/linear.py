@@ -183,7 +183,9 @@ def _chunked(p: _Prepared, C: int):
     S = keep[..., None, None] * S0 + S_new
     return S, intra + inter
 
-  S, out = jax.lax.scan(step, p.state, xs)
+  # Per-dimension gates: the backward recomputes each chunk's [C, C, N, H] decays instead of
+  # keeping them for every chunk (memory O(state) per chunk, not O(C²·N·H)).
+  S, out = jax.lax.scan(jax.checkpoint(step) if per_dim else step, p.state, xs)
   out = jnp.moveaxis(out, 0, 1).reshape(B, nC * C, N, Hv)[:, :T]
   return out, S
 
