@@ -127,6 +127,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--long_s", type=float, default=5.0)
   p.add_argument("--implementation", default="xla")
+  p.add_argument("--note", default="", help="a line for the table's header (e.g. the machine)")
   p.add_argument("--out", default=str(RESULTS / "bench_linear"))
   args = p.parse_args(argv)
   ts = [int(t) for t in args.ts.split(",")]
@@ -188,6 +189,7 @@ def write(rows, ops, args, argv, out, final):
     f"{jax.default_backend()}, median of up to {args.reps} timed calls (one when a call "
     f"exceeds {args.long_s} s). Peak memory: XLA's accounting of the compiled program "
     "(arguments + outputs + temporaries).\n",
+    *([args.note + "\n"] if args.note else []),
     f"Command: `{meta['command']}`\n",
     "| T | op | fwd ms | fwd µs/token | fwd peak MB | fwd+bwd ms | fwd+bwd µs/token "
     "| fwd+bwd peak MB | fwd vs softmax |",
