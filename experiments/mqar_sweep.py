@@ -199,7 +199,8 @@ def main():
   from attn_jax.nn import transformer  # validate ids before spending any time
 
   for spec in specs:
-    transformer.attention_module_class(parse_mechanism(spec)[0])
+    for kind in parse_mechanism(spec)[0].split("+"):  # "a+b": one id per layer
+      transformer.attention_module_class(kind)
   cells = []
   for cell in args.cells.split(","):
     L, _, P = cell.partition("x")
