@@ -8,7 +8,7 @@ Each entry declares which of the four self/cross x causal/non-causal patterns it
 raises instead of silently computing something else. ``build`` makes the entry's options
 (masks, biases, sinks, ...) for a call of given sizes, deterministically from a PRNG key.
 
-Three interfaces:
+Four interfaces:
   * ``"qkv"`` (family (a) and every score-level mechanism): ``entry(q, k, v, *,
     implementation, **build(key, Dims, causal))``, run with ``run``.
   * ``"layer"`` (mechanisms that own their projections: head structure, head mixing,
@@ -20,6 +20,8 @@ Three interfaces:
     ``entry(params, x_BSD, *, valid_BS=None, implementation=None) -> [B, F]`` with parameters
     from ``init(key, *, d_model, **options)``; run with ``init_pool`` / ``run_pool``. The
     stacks do not take them as attention kinds; models take them as a pooling choice.
+  * ``"schedule"`` (per-layer mixer schedules, e.g. ``hybrid_schedule``): ``entry(num_layers,
+    **options) -> [registry id per layer]``; the stacks expand it (``layer_kinds``).
 
 Entries outside this file register themselves when their module is imported; the modules
 listed in ``FAMILY_MODULES`` are imported on first use of the registry.
@@ -85,8 +87,14 @@ FAMILY_MODULES: tuple[str, ...] = (
   "attn_jax.attention.multi_window",
   "attn_jax.attention.linear",
   "attn_jax.attention.delta",
+  "attn_jax.attention.hybrid",
+  "attn_jax.attention.flowformer",
+  "attn_jax.attention.agent",
+  "attn_jax.attention.aaren",
+  "attn_jax.attention.titans",
+  "attn_jax.attention.persistent",
 )
-INTERFACES = ("qkv", "layer", "pool")
+INTERFACES = ("qkv", "layer", "pool", "schedule")
 
 
 class LayerDims(NamedTuple):
@@ -119,7 +127,7 @@ class Mechanism:
     check: the catalog property the tests assert for this entry.
     build: ``build(key, dims, causal) -> kwargs`` for the entry point.
     module: dotted path of the Flax NNX module, or None until one exists.
-    interface: ``"qkv"``, ``"layer"`` or ``"pool"`` (see the module docstring).
+    interface: ``"qkv"``, ``"layer"``, ``"pool"`` or ``"schedule"`` (module docstring).
     init: ``"module:function"`` making the parameters of a layer- or pool-interface entry.
   """
 
@@ -177,7 +185,7 @@ _REGISTRY: dict[str, Mechanism] = {}
 def register(mechanism: Mechanism) -> Mechanism:
   if mechanism.interface not in INTERFACES:
     raise ValueError(f"{mechanism.id}: interface must be one of {INTERFACES}")
-  if mechanism.interface != "qkv" and mechanism.init is None:
+  if mechanism.interface in ("layer", "pool") and mechanism.init is None:
     raise ValueError(
       f"{mechanism.id}: a {mechanism.interface}-interface entry needs init='module:function'"
     )
@@ -337,7 +345,12 @@ def run_pool(mechanism_id: str, params, x_BSD, *, valid_BS=None, implementation=
   return mech.function()(params, x_BSD, valid_BS=valid_BS, implementation=implementation)
 
 
-_USE = {"qkv": "run", "layer": "init_layer / run_layer", "pool": "init_pool / run_pool"}
+_USE = {
+  "qkv": "run",
+  "layer": "init_layer / run_layer",
+  "pool": "init_pool / run_pool",
+  "schedule": "its function (layer ids) and the stack",
+}
 
 
 def _check_interface(mech: Mechanism, wanted: str) -> None:

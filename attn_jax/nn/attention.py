@@ -494,6 +494,58 @@ class Attention(nnx.Module):
       out_BTNH = self._attend(q_BTNH, k_BTKH, v_BTKH, kwargs)
     return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dtype))
 
+  # Kinds whose layer is projections + (RoPE) + causal softmax attention: they decode
+  # against a KV cache (``init_cache`` / ``step``; used by ``Transformer.step``).
+  DECODE_KINDS = ("mha", "rope")
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache for ``step``: keys ``[B, max_len, K, H]``, values ``[.., Hv]``."""
+    self._check_decodes()
+    K, H = self.wk.shape[1:]
+    return {
+      "k": jnp.zeros((batch, max_len, K, H), dtype),
+      "v": jnp.zeros((batch, max_len, K, self.wv.shape[2]), dtype),
+    }
+
+  def _check_decodes(self):
+    if self.kind not in self.DECODE_KINDS or not self.causal:
+      raise NotImplementedError(
+        f"decoding with a cache is built for causal attention kinds {self.DECODE_KINDS}; "
+        f"this layer is kind={self.kind!r}, causal={self.causal}"
+      )
+
+  def step(self, x_BTD, cache: dict, length):
+    """Runs T new tokens (positions ``length .. length + T − 1``) against the cache:
+    returns ``(y [B, T, D], cache with their keys and values written)``. Token t sees the
+    cached tokens and the new tokens up to itself (equal to the full causal layer)."""
+    self._check_decodes()
+    dtype = x_BTD.dtype
+    T = x_BTD.shape[1]
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[...].astype(dtype))
+    k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk[...].astype(dtype))
+    v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv[...].astype(dtype))
+    if self.qk_norm:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    pos_T = length + jnp.arange(T)
+    if self.rope:
+      rope = {"base": self.rope_base, "rotary_dim": self.rotary_dim}
+      q_BTNH = rope_lib.apply_rope(q_BTNH, pos_T, **rope)
+      k_BTKH = rope_lib.apply_rope(k_BTKH, pos_T, **rope)
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, jnp.asarray(length, jnp.int32), zero, zero)
+    k_all = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), at)
+    v_all = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), at)
+    G = self.num_heads // self.num_kv_heads
+    k_SNH = jnp.repeat(k_all, G, axis=2).astype(dtype)
+    v_SNH = jnp.repeat(v_all, G, axis=2).astype(dtype)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_SNH) * q_BTNH.shape[-1] ** -0.5
+    visible = jnp.arange(k_all.shape[1])[None, :] <= pos_T[:, None]  # [T, S]
+    logits = jnp.where(visible, logits.astype(jnp.float32), -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs, v_SNH)
+    y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo[...].astype(dtype))
+    return y, {"k": k_all, "v": v_all}
+
   def _attend(self, q_BTNH, k_BTKH, v_BTKH, kwargs):
     """Calls the attention function; a Pallas kernel under a mesh runs per shard."""
     impl = self.implementation or api.default_implementation(

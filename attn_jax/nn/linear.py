@@ -1,6 +1,7 @@
 """Linear-attention layers of the stacks (registry ids ``linear_attn``, ``lightning``,
-``simple_gla``, ``delta_rule``, ``gated_delta``): GQA projections, the recurrence of
-``attn_jax.attention.linear.linear_attention`` or ``attn_jax.attention.delta`` (chunked), a
+``simple_gla``, ``delta_rule``, ``gated_delta``, ``gla``, ``based``, ``hgrn2``): GQA
+projections, the recurrence of ``attn_jax.attention.linear.linear_attention`` or
+``attn_jax.attention.delta`` (chunked), a
 per-head RMSNorm of the output (our choice for all: the unnormalised recurrences grow with
 the length), then the output projection.
 
@@ -9,13 +10,21 @@ Delta rules: q and k are L2-normalised per head, β_t = sigmoid(x_t W_β) per (t
 g = −softplus(x W_1 W_2 + b) / ``gla_tau`` from a rank-``gla_rank`` projection. ``based``:
 q and k projected to ``based_dim`` features, the Taylor map [1, x, vec(x xᵀ)/√2] and the z
 normaliser (the short convolutions and sliding-window layers of the Based model are
-separate layers of a hybrid schedule).
+separate layers of a hybrid schedule). ``hgrn2``: the query projection is the output gate g,
+the key projection the forget-gate logits z and the value projection the input i (no
+activations on g or i: our choice), f = γ + (1 − γ)·σ(z) with a learned lower bound γ per
+(head, key dimension) that rises with depth: γ lies in the band of this layer
+(``attn_jax.attention.linear.hgrn2_lower_bound``: [(l − 1)/L, l/L) when the option
+``hgrn2_num_layers`` = L is set, else [1 − 2^(1−l), 1 − 2^(−l)), because the stack hands a
+layer its 1-based ``layer_index`` but not the depth), starting mid-band.
 
 Decays: ``linear_attn`` none (feature map ``linear_feature_map``, default "elu1", with the
 z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simple_gla``
 g_t = −softplus(x_t W_g + b_g) / ``gla_tau`` per (token, head), b_g initialised so the
-decay starts near 1. Packed documents (segment ids) reset the state. Causal only; positions
-"learned" or "none" (no RoPE). The generic option keys are declared and ignored.
+decay starts near 1. Packed documents (segment ids) reset the state. Decoding:
+``init_cache`` / ``step`` carry the recurrent state across calls (``Transformer.step``).
+Causal only; positions "learned" or "none" (no RoPE). The generic option keys are declared
+and ignored.
 """
 
 import jax
@@ -27,7 +36,16 @@ from attn_jax.attention import linear as linear_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
-KINDS = ("linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta", "gla", "based")
+KINDS = (
+  "linear_attn",
+  "lightning",
+  "simple_gla",
+  "delta_rule",
+  "gated_delta",
+  "gla",
+  "based",
+  "hgrn2",
+)
 DEFAULT_OPTIONS = {
   **attention_lib.DEFAULT_OPTIONS,
   "linear_feature_map": "elu1",
@@ -35,15 +53,17 @@ DEFAULT_OPTIONS = {
   "gla_tau": 16.0,
   "gla_rank": 16,
   "based_dim": 16,
+  "hgrn2_num_layers": 0,
 }
 POSITIONS = ("none", "learned")
 
 
 class LinearAttention(projected.ProjectedAttention):
   """Scalar-decay linear attention; constructor arguments as
-  ``attn_jax.nn.attention.Attention``."""
+  ``attn_jax.nn.attention.Attention`` plus ``layer_index`` (used by ``hgrn2``)."""
 
   DEFAULT_OPTIONS = DEFAULT_OPTIONS
+  TAKES_LAYER_INDEX = True
 
   def __init__(
     self,
@@ -61,6 +81,7 @@ class LinearAttention(projected.ProjectedAttention):
     qk_norm: bool = False,
     options: dict | None = None,
     implementation: str | None = None,
+    layer_index: int = 1,
     rngs,
   ):
     del rope_base, rotary_dim
@@ -78,6 +99,9 @@ class LinearAttention(projected.ProjectedAttention):
     )
     self.normalize = kind in ("linear_attn", "based")
     self.chunk, self.tau = int(options["linear_chunk"]), float(options["gla_tau"])
+    self.layer_index, self.num_layers = layer_index, int(options["hgrn2_num_layers"])
+    if kind == "hgrn2":
+      linear_lib.hgrn2_lower_bound(0.0, layer_index, self.num_layers)  # validates
     width = d_model // num_heads if head_dim is None else head_dim
     specs = heads_lib.param_specs(
       "head_dims",
@@ -94,6 +118,9 @@ class LinearAttention(projected.ProjectedAttention):
       specs["w_g1"] = ((d_model, R), heads_lib._fan_in(d_model), ("embed", None))
       specs["w_g2"] = ((R, N, H), heads_lib._fan_in(R), (None, "heads", None))
       specs["b_g"] = ((N, H), jax.nn.initializers.constant(-4.0), ("heads", None))
+    if kind == "hgrn2":  # θ of the lower bound; 0 puts γ mid-band
+      H = specs["w_q"][0][2]
+      specs["hgrn2_theta"] = ((N, H), jax.nn.initializers.zeros, ("heads", None))
     if kind in ("delta_rule", "gated_delta"):
       specs["w_beta"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
     if kind in ("simple_gla", "gated_delta"):
@@ -104,6 +131,27 @@ class LinearAttention(projected.ProjectedAttention):
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
     del positions_BT
+    return self._forward(x_BTD, segment_ids_BT, None)[0]
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """The recurrent state for ``step`` (float32, ``[B, N, H', Hv']``: H' after the feature
+    map, Hv' with the normaliser column); its size does not depend on ``max_len``."""
+    del max_len, dtype
+    p = self.param_tree()
+    H, Hv = p["w_q"].shape[2], p["w_v"].shape[2]
+    if self.feature == "taylor":
+      H = 1 + H + H * H
+    return {"state": jnp.zeros((batch, self.num_heads, H, Hv + self.normalize), jnp.float32)}
+
+  def step(self, x_BTD, cache: dict, length):
+    """T new tokens against the carried state: ``(y [B, T, D], {"state": new state})``."""
+    del length
+    y, state = self._forward(x_BTD, None, cache["state"])
+    return y, {"state": state}
+
+  def _forward(self, x_BTD, segment_ids_BT, state):
+    """(y, final state or None): the layer, from ``state`` (None: zeros, no state out)."""
+    carry = {} if state is None else {"initial_state": state, "return_final_state": True}
     p = self.param_tree()
     dtype = x_BTD.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["w_q"].astype(dtype))
@@ -120,7 +168,19 @@ class LinearAttention(projected.ProjectedAttention):
       g = -jax.nn.softplus(logits) / self.tau
     else:
       g = None
-    if self.kind in ("delta_rule", "gated_delta"):
+    if self.kind == "hgrn2":
+      gamma = linear_lib.hgrn2_lower_bound(p["hgrn2_theta"], self.layer_index, self.num_layers)
+      o = linear_lib.hgrn2_attention(
+        q,
+        k,
+        v,
+        lower_bound=gamma,
+        segment_ids=segment_ids_BT,
+        chunk_size=self.chunk,
+        implementation=self.implementation,
+        **carry,
+      )
+    elif self.kind in ("delta_rule", "gated_delta"):
       beta = jax.nn.sigmoid(jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_beta"]))
       o = delta_lib.delta_rule_attention(
         q,
@@ -132,14 +192,16 @@ class LinearAttention(projected.ProjectedAttention):
         chunk_size=self.chunk,
         implementation=self.implementation,
         l2_normalize=True,
+        **carry,
       )
     else:
-      o = self._linear(q, k, v, g, segment_ids_BT)
+      o = self._linear(q, k, v, g, segment_ids_BT, carry)
+    o, state = o if carry else (o, None)
     of = o.astype(jnp.float32)
     of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6) * p["out_norm"]
-    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype))
+    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype)), state
 
-  def _linear(self, q, k, v, g, segment_ids_BT):
+  def _linear(self, q, k, v, g, segment_ids_BT, carry=None):
     return linear_lib.linear_attention(
       q,
       k,
@@ -150,4 +212,5 @@ class LinearAttention(projected.ProjectedAttention):
       segment_ids=segment_ids_BT,
       chunk_size=self.chunk,
       implementation=self.implementation,
+      **(carry or {}),
     )

@@ -5,12 +5,21 @@ Dimension key: B batch, T length, D model dim.
 ``attention`` is a registry id (every layer) or a list with one id per layer, e.g.
 ``["sliding_window", "sliding_window", "mha"]``. Each id's NNX module comes from the
 registry entry's ``module`` field; every attention module takes the keyword arguments of
-``attn_jax.nn.attention.Attention`` and returns ``[B, T, D]``.
+``attn_jax.nn.attention.Attention`` and returns ``[B, T, D]``. A schedule id
+(``hybrid_schedule``: registry interface ``"schedule"``) expands to one id per layer from
+its ``hybrid_*`` options.
+
+Decoding: ``Transformer.init_cache(batch, max_len)`` makes one cache object for the whole
+stack — per layer the recurrent state of a linear-attention layer or the keys and values of
+an attention layer, plus the number of tokens seen — and ``Transformer.step(x, cache)`` runs
+new tokens against it (a prefill of many tokens, then one at a time): equal to running the
+full sequence. Layers without ``init_cache`` / ``step`` raise NotImplementedError.
 """
 
 import importlib
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 from flax import nnx
 
 from attn_jax import sharding
@@ -63,10 +72,17 @@ def check_known_options(options: dict, kinds: Sequence[str]) -> None:
     )
 
 
-def layer_kinds(attention: str | Sequence[str], num_layers: int) -> list[str]:
-  """One registry id per layer from an id, a list, or ``"a+b+c"`` (validated, aliases resolved)."""
+def layer_kinds(
+  attention: str | Sequence[str], num_layers: int, options: dict | None = None
+) -> list[str]:
+  """One registry id per layer from an id, a list, or ``"a+b+c"`` (validated, aliases
+  resolved); a schedule id (``hybrid_schedule``) expands with its ``options``."""
   if isinstance(attention, str) and "+" in attention:  # "a+b+c": one id per layer
     attention = attention.split("+")
+  if isinstance(attention, str) and registry.get(attention).interface == "schedule":
+    from attn_jax.attention import hybrid
+
+    attention = hybrid.from_options(num_layers, options)
   kinds = [attention] * num_layers if isinstance(attention, str) else list(attention)
   if len(kinds) != num_layers:
     raise ValueError(
@@ -119,6 +135,20 @@ class Block(nnx.Module):
       layers.MLP(d_model, mlp_dim or 4 * d_model, kind=mlp, rngs=rngs) if mlp != "none" else None
     )
 
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+    if not hasattr(self.attn, "init_cache"):
+      raise NotImplementedError(
+        f"{type(self.attn).__name__} layers do not decode against a cache yet"
+      )
+    return self.attn.init_cache(batch, max_len, dtype)
+
+  def step(self, x_BTD, cache, length):
+    y_BTD, cache = self.attn.step(self.attn_norm(x_BTD), cache, length)
+    x_BTD = x_BTD + y_BTD
+    if self.mlp is not None:
+      x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return x_BTD, cache
+
   def __call__(self, x_BTD, **kwargs):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), **kwargs)
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "embed"))
@@ -149,10 +179,11 @@ class Transformer(nnx.Module):
     rngs: nnx.Rngs,
     **block_kwargs,
   ):
-    self.kinds = layer_kinds(attention, num_layers)
+    self.kinds = layer_kinds(attention, num_layers, block_kwargs.get("options"))
     self.remat = remat
     if block_kwargs.get("options") is not None:
-      check_known_options(block_kwargs["options"], self.kinds)
+      named = attention.split("+") if isinstance(attention, str) else list(attention)
+      check_known_options(block_kwargs["options"], named)
     self.blocks = nnx.List(
       [
         Block(
@@ -168,6 +199,25 @@ class Transformer(nnx.Module):
       ]
     )
     self.final_norm = layers.Norm(d_model, kind=norm, rngs=rngs)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """The decoding cache of the module docstring (a pytree: jit- and scan-friendly)."""
+    return {
+      "layers": [block.init_cache(batch, max_len, dtype) for block in self.blocks],
+      "length": jnp.zeros((), jnp.int32),
+    }
+
+  def step(self, x_BTD, cache: dict):
+    """New tokens ``x [B, T, D]`` after the ``cache["length"]`` already seen: returns
+    ``(out [B, T, D], updated cache)``, equal to the matching rows of a full-sequence call.
+    (Attention layers hold ``max_len`` positions; writing past them is not checked under
+    jit.)"""
+    length = cache["length"]
+    new = []
+    for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+      x_BTD, layer_cache = block.step(x_BTD, layer_cache, length)
+      new.append(layer_cache)
+    return self.final_norm(x_BTD), {"layers": new, "length": length + x_BTD.shape[1]}
 
   def __call__(self, x_BTD, **kwargs):
     for block in self.blocks:
