@@ -1,6 +1,6 @@
 """Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
 brute force, the out-of-distribution range rule, smoke runs of bench_sparse.py and
-bench_linear.py, and (slow)
+bench_linear.py, recall_state.py's state sizes, and (slow)
 two-step smoke runs of positional_tasks.py and diff_attention_maps.py."""
 
 import itertools
@@ -18,6 +18,7 @@ import bench_linear  # noqa: E402
 import bench_sparse  # noqa: E402
 import diff_attention_maps  # noqa: E402
 import positional_tasks as pt  # noqa: E402
+import recall_state  # noqa: E402
 
 
 def test_task_targets_equal_brute_force():
@@ -108,3 +109,26 @@ def test_bench_linear_runs_and_finds_the_crossover(tmp_path):
   saved = json.loads((tmp_path / "bl.json").read_text())
   assert saved["settings"]["complete"] and set(saved["crossover_T"]) == {"lightning", "delta_rule"}
   assert "Crossover" in (tmp_path / "bl.md").read_text()
+
+
+def test_recall_state_sizes_and_table(tmp_path):
+  model = {"num_heads": 1, "num_kv_heads": 1, "d_model": 64, "head_dim": 64}
+  size = recall_state.layer_state_bytes
+  assert size("mha", model, 64) == 2 * 64 * 64 * 4  # keys and values of 64 tokens
+  assert size("sliding_window", {**model, "attention_options": {"window": 8}}, 64) == 2 * 8 * 256
+  assert size("linear_attn", model, 64) == 64 * 65 * 4  # z normaliser column
+  assert size("delta_rule", model, 4096) == 64 * 64 * 4  # independent of the length
+  based = {**model, "attention_options": {"based_dim": 16}}
+  assert size("based", based, 64) == (1 + 16 + 256) * 65 * 4
+  results = os.path.join(ROOT, "experiments", "results")
+  rows = recall_state.main(
+    [
+      f"--inputs={results}/mqar_sparse.json,{results}/mqar_sweep.json",
+      f"--out={tmp_path / 'rs'}",
+    ]
+  )
+  by = {r["mechanism"]: r for r in rows}
+  assert by["sliding_window:window=8"]["state_bytes"] == 2 * 2 * 8 * 256  # 2 layers
+  assert by["mha"]["state_bytes"] == 2 * 2 * 64 * 256
+  assert [r["state_bytes"] for r in rows] == sorted(r["state_bytes"] for r in rows)
+  assert (tmp_path / "rs.png").stat().st_size > 0
