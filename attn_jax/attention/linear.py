@@ -543,3 +543,57 @@ registry.register(
     module="attn_jax.nn.linear:LinearAttention",
   )
 )
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE inside state-space duality (Wonderful Matrices): SSD as a scalar-decay recurrence
+# with rotary positions on its query-like (C) and key-like (B) projections.
+# ---------------------------------------------------------------------------------------
+
+
+def ssd_rope_attention(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B T K H"],
+  v: Float[Array, "B T K Hv"],
+  log_decay=None,
+  *,
+  positions=None,
+  rope_base: float = 10000.0,
+  rotary_dim: int | None = None,
+  **kwargs,
+):
+  """SSD with RoPE: q (C) and k (B) rotated by ``positions`` (default ``arange(T)``; ``[T]``
+  or ``[B, T]``), then the scalar-decay recurrence of ``linear_attention`` (``log_decay``
+  ``[B, T, N]`` as ``simple_gla``; other keyword arguments as there). The rotation makes
+  q_t·k_s depend on positions only through t − s, so a shift of every position leaves the
+  output unchanged; zero angles (all positions 0, or ``rotary_dim=0``) are plain SSD. The
+  feature map must be "identity" (a rotation of φ(x) is not RoPE of x)."""
+  from attn_jax.attention import rope as rope_lib
+
+  if kwargs.get("feature_map", "identity") != "identity":
+    raise ValueError("ssd_rope rotates q and k themselves: feature_map must be 'identity'")
+  T = q.shape[1]
+  pos = jnp.arange(T) if positions is None else jnp.asarray(positions)
+  if rotary_dim != 0:
+    q = rope_lib.apply_rope(q, pos, base=rope_base, rotary_dim=rotary_dim)
+    k = rope_lib.apply_rope(k, pos, base=rope_base, rotary_dim=rotary_dim)
+  return linear_attention(q, k, v, log_decay, **kwargs)
+
+
+registry.register(
+  registry.Mechanism(
+    id="ssd_rope",
+    family="g",
+    paper="Wonderful Matrices: Combining for a More Efficient and Effective Foundation Model "
+    "Architecture (RoPE inside state-space duality)",
+    entry_point="attn_jax.attention.linear:ssd_rope_attention",
+    implementations=IMPLEMENTATIONS,
+    patterns=frozenset((registry.SELF_CAUSAL,)),
+    decode=False,
+    tier=3,
+    check="Zero rotation angles equal plain SSD (simple_gla); shifting every position by a "
+    "constant leaves the output unchanged; the chunk form equals the recurrence.",
+    build=_build_gla,
+    module="attn_jax.nn.linear:LinearAttention",
+  )
+)

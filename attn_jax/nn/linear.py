@@ -1,6 +1,6 @@
 """Linear-attention layers of the stacks (registry ids ``linear_attn``, ``lightning``,
-``simple_gla``, ``delta_rule``, ``gated_delta``, ``gla``, ``based``, ``hgrn2``): GQA
-projections, the recurrence of ``attn_jax.attention.linear.linear_attention`` or
+``simple_gla``, ``delta_rule``, ``gated_delta``, ``gla``, ``based``, ``hgrn2``,
+``ssd_rope``): GQA projections, the recurrence of ``attn_jax.attention.linear.linear_attention`` or
 ``attn_jax.attention.delta`` (chunked), a
 per-head RMSNorm of the output (our choice for all: the unnormalised recurrences grow with
 the length), then the output projection.
@@ -23,8 +23,9 @@ z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simp
 g_t = −softplus(x_t W_g + b_g) / ``gla_tau`` per (token, head), b_g initialised so the
 decay starts near 1. Packed documents (segment ids) reset the state. Decoding:
 ``init_cache`` / ``step`` carry the recurrent state across calls (``Transformer.step``).
-Causal only; positions "learned" or "none" (no RoPE). The generic option keys are declared
-and ignored.
+``ssd_rope``: the ``simple_gla`` decay with RoPE (``rope_base``, ``rotary_dim``) on q and k
+inside the layer. Causal only; model positions "learned" or "none". The generic option keys
+are declared and ignored.
 """
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from attn_jax.attention import delta as delta_lib
 from attn_jax.attention import heads as heads_lib
 from attn_jax.attention import linear as linear_lib
+from attn_jax.attention import rope as rope_lib
 from attn_jax.nn import attention as attention_lib
 from attn_jax.nn import projected
 
@@ -45,6 +47,7 @@ KINDS = (
   "gla",
   "based",
   "hgrn2",
+  "ssd_rope",
 )
 DEFAULT_OPTIONS = {
   **attention_lib.DEFAULT_OPTIONS,
@@ -84,7 +87,7 @@ class LinearAttention(projected.ProjectedAttention):
     layer_index: int = 1,
     rngs,
   ):
-    del rope_base, rotary_dim
+    self.rope_base, self.rotary_dim = rope_base, rotary_dim  # ssd_rope
     projected.check_kind("LinearAttention", kind, KINDS, positions, POSITIONS)
     if not causal:
       raise ValueError(
@@ -123,15 +126,14 @@ class LinearAttention(projected.ProjectedAttention):
       specs["hgrn2_theta"] = ((N, H), jax.nn.initializers.zeros, ("heads", None))
     if kind in ("delta_rule", "gated_delta"):
       specs["w_beta"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
-    if kind in ("simple_gla", "gated_delta"):
+    if kind in ("simple_gla", "gated_delta", "ssd_rope"):
       specs["w_g"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
       specs["b_g"] = ((N,), jax.nn.initializers.constant(-4.0), ("heads",))
     self._declare_params(rngs, specs)
     self.num_heads = N
 
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None):
-    del positions_BT
-    return self._forward(x_BTD, segment_ids_BT, None)[0]
+    return self._forward(x_BTD, segment_ids_BT, None, positions_BT)[0]
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """The recurrent state for ``step`` (float32, ``[B, N, H', Hv']``: H' after the feature
@@ -145,11 +147,11 @@ class LinearAttention(projected.ProjectedAttention):
 
   def step(self, x_BTD, cache: dict, length):
     """T new tokens against the carried state: ``(y [B, T, D], {"state": new state})``."""
-    del length
-    y, state = self._forward(x_BTD, None, cache["state"])
+    positions = length + jnp.arange(x_BTD.shape[1])  # RoPE of ssd_rope
+    y, state = self._forward(x_BTD, None, cache["state"], positions)
     return y, {"state": state}
 
-  def _forward(self, x_BTD, segment_ids_BT, state):
+  def _forward(self, x_BTD, segment_ids_BT, state, positions=None):
     """(y, final state or None): the layer, from ``state`` (None: zeros, no state out)."""
     carry = {} if state is None else {"initial_state": state, "return_final_state": True}
     p = self.param_tree()
@@ -159,7 +161,7 @@ class LinearAttention(projected.ProjectedAttention):
     v = jnp.einsum("BTD,DKV->BTKV", x_BTD, p["w_v"].astype(dtype))
     if self.kind == "lightning":
       g = jnp.asarray(linear_lib.lightning_log_decay(self.num_heads))
-    elif self.kind in ("simple_gla", "gated_delta"):
+    elif self.kind in ("simple_gla", "gated_delta", "ssd_rope"):
       logits = jnp.einsum("BTD,DN->BTN", x_BTD.astype(jnp.float32), p["w_g"]) + p["b_g"]
       g = -jax.nn.softplus(logits) / self.tau
     elif self.kind == "gla":
@@ -195,6 +197,10 @@ class LinearAttention(projected.ProjectedAttention):
         **carry,
       )
     else:
+      if self.kind == "ssd_rope":  # RoPE on C (q) and B (k), then the SSD recurrence
+        pos = jnp.arange(x_BTD.shape[1]) if positions is None else positions
+        rope = {"base": self.rope_base, "rotary_dim": self.rotary_dim}
+        q, k = rope_lib.apply_rope(q, pos, **rope), rope_lib.apply_rope(k, pos, **rope)
       o = self._linear(q, k, v, g, segment_ids_BT, carry)
     o, state = o if carry else (o, None)
     of = o.astype(jnp.float32)
