@@ -408,40 +408,18 @@ def chunked_delta_rule(
     ``(out [B, T, N, Hv], final_state [B, N, H, Hv])`` float32; differentiable in q, k, v,
     beta, log_decay and initial_state (first-order reverse mode).
   """
-  C = lc.check_chunk_size(chunk_size, backend)
-  if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-    raise ValueError(
-      f"q, k must be [B, T, N, H] and v [B, T, N, Hv]; got {q.shape}, {k.shape}, {v.shape}"
-    )
-  B, T, N, H = q.shape
-  Hv = v.shape[-1]
+  lay = lc.layout(q, k, v, reset, initial_state, chunk_size, backend)
+  B, T, N, _ = q.shape
   for name, a in (("beta", beta), ("log_decay", log_decay)):
     if a.shape != (B, T, N):
       raise ValueError(f"{name} must be [B, T, N] = {(B, T, N)}; got {a.shape}")
-  if reset.shape != (B, T):
-    raise ValueError(f"reset must be [B, T] = {(B, T)}; got {reset.shape}")
-  if initial_state.shape != (B, N, H, Hv):
-    raise ValueError(f"initial_state must be [B, N, H, Hv]; got {initial_state.shape}")
-  nC = -(-T // C)
-  Tp = nC * C
-  Hp, Hvp = (lc._pow2(H), lc._pow2(Hv)) if backend == "gpu" else (H, Hv)
-  f32 = jnp.float32
-
-  def heads_first(x, width):  # [B, T, N, w] -> [B, N, Tp, width]
-    x = jnp.swapaxes(x.astype(f32), 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, width - x.shape[-1])))
-
-  cfg = lc._Cfg(backend, C, nC, False, interpret, num_warps, num_stages)
-  d = jnp.cumsum(reset.astype(jnp.int32), axis=1).astype(f32)
-  d = jnp.pad(d, ((0, 0), (0, Tp - T)), mode="edge")
-  dec = lc._decays(cfg, heads_first(log_decay[..., None], 1), d)
-  beta_col = heads_first(beta[..., None], 1)  # padded tokens: β = 0 (no update)
+  cfg = lc._Cfg(backend, lay.C, lay.nC, False, interpret, num_warps, num_stages)
+  dec = lc._decays(cfg, lay.heads_first(log_decay[..., None], 1), lay.d)
+  beta_col = lay.heads_first(beta[..., None], 1)  # padded tokens: β = 0 (no update)
   ops = {
     "beta_col": beta_col,
-    "beta_row": beta_col[..., 0].reshape(B, N, nC, 1, C),
+    "beta_row": beta_col[..., 0].reshape(B, N, lay.nC, 1, lay.C),
     **{n: dec[n] for n in ("b", "b_row", "qdec", "kdec", "cdec")},
   }
-  docs = (dec["d_col"], dec["d_row"])
-  s0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Hp - H), (0, Hvp - Hv)))
-  out, sT = _core(cfg, heads_first(q, Hp), heads_first(k, Hp), heads_first(v, Hvp), ops, docs, s0)
-  return jnp.swapaxes(out[:, :, :T, :Hv], 1, 2), sT[:, :, :H, :Hv]
+  out, sT = _core(cfg, *lay.qkv, ops, (dec["d_col"], dec["d_row"]), lay.s0)
+  return lay.unpad(out, sT)

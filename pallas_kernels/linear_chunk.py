@@ -79,6 +79,7 @@ delta rule runs its pure-JAX chunked form).
 
 import dataclasses
 import functools
+import typing
 from typing import Any
 
 import jax
@@ -533,6 +534,35 @@ def chunked_linear_attention(
     ``(out [B, T, N, Hv], final_state [B, N, H, Hv])``, float32; differentiable in q, k, v,
     log_decay and initial_state (first-order reverse mode).
   """
+  lay = layout(q, k, v, reset, initial_state, chunk_size, backend)
+  B, T, N, H = q.shape
+  g = jnp.asarray(log_decay, jnp.float32)
+  per_dim = g.ndim == 4
+  if g.shape not in ((B, T, N), (B, T, N, H)):
+    raise ValueError(f"log_decay must be [B, T, N] or [B, T, N, H]; got {g.shape}")
+  cfg = _Cfg(backend, lay.C, lay.nC, per_dim, interpret, num_warps, num_stages)
+  gh = lay.heads_first(g if per_dim else g[..., None], lay.Hp if per_dim else 1)
+  out, sT = _core(cfg, *lay.qkv, gh, lay.d, lay.s0)
+  return lay.unpad(out, sT)
+
+
+class Layout(typing.NamedTuple):
+  """Checked sizes and the kernel layout shared by the chunked wrappers (this module's and
+  ``pallas_kernels.delta_chunk``'s)."""
+
+  C: int
+  nC: int
+  Hp: int  # head dims as the kernels see them (GPU: powers of two >= 16)
+  Hvp: int
+  heads_first: typing.Callable  # [B, T, N, w] -> [B, N, Tp, width] float32, zero-padded
+  qkv: tuple  # q, k, v in that layout
+  d: jax.Array  # [B, Tp] float32 document counters (cumulative resets)
+  s0: jax.Array  # [B, N, Hp, Hvp] float32
+  unpad: typing.Callable  # (out, final state) back to [B, T, N, Hv], [B, N, H, Hv]
+
+
+def layout(q, k, v, reset, initial_state, chunk_size, backend) -> Layout:
+  """Validates q, k, v, reset and the initial state, and lays them out for the kernels."""
   C = check_chunk_size(chunk_size, backend)
   if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
     raise ValueError(
@@ -540,10 +570,6 @@ def chunked_linear_attention(
     )
   B, T, N, H = q.shape
   Hv = v.shape[-1]
-  g = jnp.asarray(log_decay, jnp.float32)
-  per_dim = g.ndim == 4
-  if g.shape not in ((B, T, N), (B, T, N, H)):
-    raise ValueError(f"log_decay must be [B, T, N] or [B, T, N, H]; got {g.shape}")
   if reset.shape != (B, T):
     raise ValueError(f"reset must be [B, T] = {(B, T)}; got {reset.shape}")
   if initial_state.shape != (B, N, H, Hv):
@@ -553,23 +579,15 @@ def chunked_linear_attention(
   Hp, Hvp = (_pow2(H), _pow2(Hv)) if backend == "gpu" else (H, Hv)
   f32 = jnp.float32
 
-  def heads_first(x, width, fill_width):  # [B, T, N, w] -> [B, N, Tp, width]
+  def heads_first(x, width):
     x = jnp.swapaxes(x.astype(f32), 1, 2)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, width - fill_width)))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, width - x.shape[-1])))
 
-  gh = g if per_dim else g[..., None]
-  Hg = Hp if per_dim else 1
+  def unpad(out, sT):
+    return jnp.swapaxes(out[:, :, :T, :Hv], 1, 2), sT[:, :, :H, :Hv]
+
   d = jnp.cumsum(reset.astype(jnp.int32), axis=1).astype(f32)
   d = jnp.pad(d, ((0, 0), (0, Tp - T)), mode="edge")
   s0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Hp - H), (0, Hvp - Hv)))
-  cfg = _Cfg(backend, C, nC, per_dim, interpret, num_warps, num_stages)
-  out, sT = _core(
-    cfg,
-    heads_first(q, Hp, H),
-    heads_first(k, Hp, H),
-    heads_first(v, Hvp, Hv),
-    heads_first(gh, Hg, gh.shape[-1]),
-    d,
-    s0,
-  )
-  return jnp.swapaxes(out[:, :, :T, :Hv], 1, 2), sT[:, :, :H, :Hv]
+  qkv = (heads_first(q, Hp), heads_first(k, Hp), heads_first(v, Hvp))
+  return Layout(C, nC, Hp, Hvp, heads_first, qkv, d, s0, unpad)
