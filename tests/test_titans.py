@@ -261,7 +261,9 @@ D, NH, P = 12, 2, 3
 
 
 def layer(kind, key, **options):
-  init = {"titans_mac": tt.init_titans_mac, "titans_mag": tt.init_titans_mag}[kind]
+  init = {"titans_mac": tt.init_titans_mac, "titans_mag": tt.init_titans_mag}.get(
+    kind, tt.init_titans_mal
+  )
   return init(
     key, d_model=D, num_heads=NH, head_dim=4, dtype=jnp.float64, titans_persistent=P,
     titans_memory_hidden=6, **options,
@@ -408,3 +410,29 @@ def test_layer_bad_inputs_raise(rng):
     tt.titans_mag(params, x[..., :5])
   with pytest.raises(ValueError, match="unknown titans_mac options"):
     tt.init_titans_mac(rng, d_model=D, num_heads=NH, titans_window=3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_mal_identity_memory_is_sliding_window_attention(rng, impl):
+  """titans_mal (tier 3) with the identity memory = sliding-window attention with persistent
+  tokens; with the memory, the same attention reads the memory's output h."""
+  T, w, C = 13, 4, 4
+  params = layer("titans_mal", rng)
+  x = normal(jax.random.fold_in(rng, 1), (2, T, D), jnp.float64)
+  mal = jax.jit(
+    tt.titans_mal,
+    static_argnames=("titans_window", "titans_chunk", "implementation", "mal_memory"),
+  )
+  i, m = np.arange(T)[:, None], np.arange(T)[None, :]
+  visible = np.concatenate([np.ones((T, P), bool), (m <= i) & (m > i - w)], 1)
+
+  def swa(h):
+    o = dense_attention(params, h, project(params, h, "w_k"), project(params, h, "w_v"), visible)
+    return jnp.einsum("BTNV,NVD->BTD", o, params["w_o"])
+
+  run = dict(titans_window=w, titans_chunk=C, implementation=impl)
+  close(mal(params, x, mal_memory=False, **run), swa(x), 1e-10)
+  y, aux = tt.titans_mal(params, x, return_aux=True, **run)
+  h = aux["memory"]
+  assert float(jnp.abs(h - x).max()) > 1e-3  # the memory changes the attention's input
+  close(y, swa(h), 1e-10)

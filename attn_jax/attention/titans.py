@@ -394,6 +394,7 @@ _EXTRA = {
   "titans_lmm": ("norm_mem",),
   "titans_mac": ("p_k", "p_v", "w_mo"),
   "titans_mag": ("p_k", "p_v", "w_g", "b_g", "norm_attn", "norm_mem"),
+  "titans_mal": ("p_k", "p_v", "w_mo", "norm_mem"),
 }
 
 
@@ -710,13 +711,13 @@ def _specs(
   sizes = [H] + [Hm] * (Lm - 1) + [Hv]
   for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
     specs[f"memory_{i}"] = ((N, a, b), fan(a), ("heads", None, None))
-  if kind == "titans_mac":
+  if kind in ("titans_mac", "titans_mal"):
     specs["w_mo"] = ((N, Hv, D), fan(N * Hv), ("heads", None, "embed"))
   if kind == "titans_mag":
     specs["w_g"] = ((D, N, Hv), fan(D), ("embed", "heads", None))
     specs["b_g"] = ((N, Hv), const(0.0), ("heads", None))
     specs["norm_attn"] = ((N, Hv), jax.nn.initializers.ones, ("heads", None))
-  if kind in ("titans_mag", "titans_lmm"):
+  if kind in ("titans_mag", "titans_lmm", "titans_mal"):
     specs["norm_mem"] = ((N, Hv), jax.nn.initializers.ones, ("heads", None))
   return specs
 
@@ -730,6 +731,7 @@ def lmm_param_specs(*, titans_persistent=None, **kw) -> dict:
 
 mac_param_specs = functools.partial(_specs, "titans_mac")
 mag_param_specs = functools.partial(_specs, "titans_mag")
+mal_param_specs = functools.partial(_specs, "titans_mal")
 _SPEC_OPTIONS = ("v_head_dim", "titans_persistent", "titans_memory_layers", "titans_memory_hidden")
 init_titans_lmm_layer = heads_lib.make_init(
   "titans_lmm", _SPEC_OPTIONS + ("titans_chunk",), lmm_param_specs, call_options=("titans_chunk",)
@@ -746,6 +748,66 @@ init_titans_mag = heads_lib.make_init(
   mag_param_specs,
   call_options=("titans_window", "titans_chunk"),
 )
+
+
+init_titans_mal = heads_lib.make_init(
+  "titans_mal",
+  _SPEC_OPTIONS + ("titans_window", "titans_chunk", "mal_memory"),
+  mal_param_specs,
+  call_options=("titans_window", "titans_chunk", "mal_memory"),
+)
+
+
+@typing.no_type_check
+def titans_mal(
+  params,
+  x_BTD: Float[Array, "B T D"],
+  *,
+  context_BSD=None,
+  causal: bool = True,
+  implementation: str | None = None,
+  mask=None,
+  positions_BT=None,
+  rope=None,
+  titans_window: int = 64,
+  titans_chunk: int = 64,
+  mal_memory: bool = True,
+  return_aux: bool = False,
+):
+  """Titans memory as a layer (tier 3): the memory processes the sequence first, its read
+  h = RMSNorm(titans_lmm(q^M, k^M, v^M, η, θ, α)) W_MO (back in model space) feeds a
+  sliding-window attention (window ``titans_window``, the persistent tokens prefixed) whose
+  output is the layer's. ``mal_memory=False`` replaces the memory by the identity (h = x):
+  then the layer is sliding-window attention with persistent tokens. Parameters as
+  ``titans_mag`` without the gate, plus ``w_mo [N, Hv, D]``; ``return_aux`` adds
+  ``{"memory": h}``."""
+  L = _check_params("titans_mal", params)
+  dims = heads_lib.static_dims({n: params[n] for n in _ATTN}, "gqa")
+  _check_layer_call("titans_mal", params, x_BTD, context_BSD, causal, rope, dims.D)
+  _checks.positive_int("titans_window", titans_window)
+  _checks.positive_int("titans_chunk", titans_chunk)
+  if not isinstance(mal_memory, bool):
+    raise ValueError(f"mal_memory must be a bool; got {mal_memory!r}")
+  B, T, _ = x_BTD.shape
+  ids = _packing("titans_mal", mask, B, T)
+  h = x_BTD
+  if mal_memory:
+    qm, km, vm, eta, theta, alpha, memory = _memory_inputs(params, x_BTD, L)
+    o_mem = titans_lmm(
+      qm, km, vm, eta, theta, alpha, memory=memory, l2_normalize=True, segment_ids=ids,
+      chunk_size=titans_chunk, implementation=_memory_impl(implementation),
+    )  # fmt: skip
+    o_mem = _rms(o_mem, params["norm_mem"]).astype(x_BTD.dtype)
+    h = heads_lib.output_projection({"w_o": params["w_mo"]}, o_mem)
+  q, k, v = _attention_qkv(params, h)
+  attn_mask = masks_lib.sliding_window(titans_window)
+  if ids is not None:
+    attn_mask = attn_mask & masks_lib.SegmentMask(ids, ids)
+  o = persistent_lib.persistent_memory_attention(
+    q, k, v, params["p_k"], params["p_v"], mask=attn_mask, implementation=implementation
+  )
+  y = heads_lib.output_projection(params, o)
+  return heads_lib._finish(y, {"memory": h}, return_aux)
 
 
 # ---------------------------------------------------------------------------------------
@@ -829,3 +891,28 @@ for _id, _paper, _check, _build, _init in (
       init=f"attn_jax.attention.titans:{_init}",
     )
   )
+
+
+def _build_mal(key, dims, causal):
+  del key, dims, causal
+  return {"titans_window": 5, "titans_chunk": BUILD_CHUNK}
+
+
+registry.register(
+  registry.Mechanism(
+    id="titans_mal",
+    family="h",
+    paper=f"{PAPER} (memory as layer)",
+    entry_point="attn_jax.attention.titans:titans_mal",
+    implementations=IMPLEMENTATIONS,
+    patterns=frozenset((registry.SELF_CAUSAL,)),
+    decode=False,
+    tier=3,
+    check="An identity memory (mal_memory=False) equals sliding-window attention (with the "
+    "persistent tokens prefixed).",
+    build=_build_mal,
+    module="attn_jax.nn.titans:TitansMAL",
+    interface="layer",
+    init="attn_jax.attention.titans:init_titans_mal",
+  )
+)

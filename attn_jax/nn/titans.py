@@ -1,7 +1,8 @@
 """Test-time memory layers of the stacks (catalog family (h)): ``persistent_mem`` (GQA
 attention with learned persistent key/value tokens), ``titans_lmm`` (the neural long-term
-memory alone as a token mixer), ``titans_mac`` (memory as context) and ``titans_mag`` (memory
-as gate); they call ``attn_jax.attention.persistent`` and ``attn_jax.attention.titans``.
+memory alone as a token mixer), ``titans_mac`` (memory as context), ``titans_mag`` (memory
+as gate) and ``titans_mal`` (memory as layer); they call ``attn_jax.attention.persistent``
+and ``attn_jax.attention.titans``.
 
 Options: ``persistent_tokens`` (P of ``persistent_mem``); ``titans_persistent`` (P of MAC /
 MAG), ``titans_memory_layers`` (depth of the memory MLP), ``titans_memory_hidden`` (its width,
@@ -66,5 +67,19 @@ TitansMAG = functional.functional_layer(
   causal_only=True,
   call_options=("titans_window", "titans_chunk"),
   doc="Titans memory as gate; constructor arguments as ``attn_jax.nn.attention.Attention``.",
+  module=__name__,
+)
+
+TitansMAL = functional.functional_layer(
+  "TitansMAL",
+  "titans_mal",
+  titans_lib.mal_param_specs,
+  titans_lib.titans_mal,
+  options={"titans_persistent": 4, **_MEMORY, "titans_window": 64, "titans_chunk": 64},
+  positions=_POSITIONS,
+  causal_only=True,
+  call_options=("titans_window", "titans_chunk"),
+  doc="Titans memory as a layer (memory, then sliding-window attention); constructor "
+  "arguments as ``attn_jax.nn.attention.Attention``.",
   module=__name__,
 )
