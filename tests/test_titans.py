@@ -436,3 +436,54 @@ def test_mal_identity_memory_is_sliding_window_attention(rng, impl):
   h = aux["memory"]
   assert float(jnp.abs(h - x).max()) > 1e-3  # the memory changes the attention's input
   close(y, swa(h), 1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# Miras variants (tier 3): Yaad (Huber bias), Moneta (ℓp bias, ℓ2 retention).
+# ------------------------------------------------------------------------------------------
+
+
+def miras_inputs(key, T=11):
+  ks = jax.random.split(key, 7)
+  q, k = normal(ks[0], (2, T, 2, 4), jnp.float64), normal(ks[1], (2, T, 2, 4), jnp.float64)
+  v = 3.0 * normal(ks[2], (2, T, 2, 5), jnp.float64)  # errors beyond δ for the Huber test
+  gates = [
+    jax.nn.sigmoid(normal(kk, (2, T, 2), jnp.float64)) * s
+    for kk, s in zip(ks[3:6], (1.0, 0.5, 0.2), strict=True)
+  ]
+  memory = tt.init_memory(ks[6], 2, 4, 5, num_layers=2, hidden=6)
+  memory = tuple(w.astype(jnp.float64) for w in memory)
+  return (q, k, v, *gates), memory
+
+
+def test_yaad_huber_bias_limits_and_online_gd(rng):
+  args, memory = miras_inputs(rng)
+  kw = dict(memory=memory, l2_normalize=True, chunk_size=4)
+  l2 = tt.titans_lmm(*args, **kw)
+  close(tt.miras_yaad(*args, huber_delta=1e9, **kw), l2, 1e-10)  # δ → ∞: the ℓ2 update
+  small = tt.miras_yaad(*args, huber_delta=0.05, **kw)
+  assert float(jnp.abs(small - l2).max()) > 1e-3
+  chunk1 = tt.miras_yaad(*args, huber_delta=0.05, **{**kw, "chunk_size": 1})
+  scan = tt.miras_yaad(
+    *args, huber_delta=0.05, implementation="reference", **{**kw, "chunk_size": 1}
+  )
+  close(chunk1, scan, 1e-10)  # chunk 1 = online GD on the Huber loss
+  close(small, tt.miras_yaad(*args, huber_delta=0.05, implementation="reference", **kw), 1e-10)
+
+
+def test_moneta_lp_bias(rng):
+  args, memory = miras_inputs(rng)
+  q, k, v, eta, theta, alpha = args
+  kw = dict(memory=memory, l2_normalize=True, chunk_size=4)
+  no_momentum = (q, k, v, 0.0 * eta, theta, alpha)
+  close(tt.miras_moneta(*no_momentum, lp_p=2.0, **kw), tt.titans_lmm(*no_momentum, **kw), 1e-10)
+  p3 = tt.miras_moneta(*args, lp_p=3.0, **kw)
+  close(p3, tt.miras_moneta(*args, lp_p=3.0, implementation="reference", **kw), 1e-10)
+  g = jax.jit(jax.grad(lambda v: jnp.sum(tt.miras_moneta(q, k, v, eta, theta, alpha, **kw))))(v)
+  assert np.all(np.isfinite(np.asarray(g)))
+  with pytest.raises(NotImplementedError, match="q = 2 only"):
+    tt.miras_moneta(*args, lq_q=3.0, **kw)
+  with pytest.raises(ValueError, match="attentional_bias needs"):
+    tt.titans_lmm(*args, attentional_bias=("lp", 0.5), **kw)
+  with pytest.raises(ValueError, match="attentional_bias must be"):
+    tt.titans_lmm(*args, attentional_bias=("l1",), **kw)

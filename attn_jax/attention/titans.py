@@ -119,6 +119,38 @@ def _loss(weights, k_BNH, v_BNV):
 _grad = jax.grad(_loss)
 
 
+def _bias_loss(weights, k_BNH, v_BNV, *, bias):
+  """Σ ρ(M(k) − v) for an attentional bias ρ (Miras): ("huber", δ) is e² for |e| <= δ and
+  2δ|e| − δ² beyond (C¹; δ → ∞ is the ℓ2 loss e²); ("lp", p) is |e|^p."""
+  err = memory_forward(weights, k_BNH) - v_BNV
+  a = jnp.abs(err)
+  if bias[0] == "huber":
+    delta = bias[1]
+    return jnp.sum(jnp.where(a <= delta, err * err, 2.0 * delta * a - delta * delta))
+  return jnp.sum(a ** bias[1])
+
+
+BIASES = ("l2", "huber", "lp")
+
+
+@functools.cache
+def bias_grad(bias: tuple = ("l2",)):
+  """∇ of the per-token loss for ``attentional_bias`` ("l2",), ("huber", δ > 0) or
+  ("lp", p >= 1) (ValueError otherwise)."""
+  if not isinstance(bias, tuple) or not bias or bias[0] not in BIASES:
+    raise ValueError(f"attentional_bias must be ('l2',), ('huber', δ) or ('lp', p); got {bias!r}")
+  if bias[0] == "l2":
+    if len(bias) != 1:
+      raise ValueError(f"attentional_bias ('l2',) takes no parameter; got {bias!r}")
+    return _grad
+  value = bias[1] if len(bias) == 2 else None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"attentional_bias {bias[0]!r} needs one number; got {bias!r}")
+  if (bias[0] == "huber" and not value > 0) or (bias[0] == "lp" and not value >= 1):
+    raise ValueError(f"attentional_bias needs δ > 0 (huber) or p >= 1 (lp); got {bias!r}")
+  return jax.grad(functools.partial(_bias_loss, bias=(bias[0], float(value))))
+
+
 def init_memory(key, num_heads: int, key_dim: int, value_dim: int, *, num_layers=2, hidden=None):
   """Initial memory weights: a tuple of ``[N, i, o]`` (H → Hm → ... → Hv; Hm default 2·H),
   truncated normal with std 1/sqrt(i)."""
@@ -207,7 +239,7 @@ def _prepare(q, k, v, eta, theta, alpha, memory, scale, initial_state, segment_i
   return _Prepared(p.q, p.k, p.v, *gates, p.reset, init_b, state)
 
 
-def _scan(p: _Prepared, C: int, read: str):
+def _scan(p: _Prepared, C: int, read: str, grad=_grad):
   """The token-by-token oracle: (reads [B, T, N, Hv], final (weights, momentum))."""
   T = p.q.shape[1]
   starts = jnp.arange(T) % C == 0
@@ -219,7 +251,7 @@ def _scan(p: _Prepared, C: int, read: str):
     W = tuple(jnp.where(r, w0, w) for w0, w in zip(p.init, W, strict=True))
     S = tuple(jnp.where(r, 0.0, s) for s in S)
     Wg = tuple(jnp.where(r | start, w, g) for w, g in zip(W, Wg, strict=True))
-    u = _grad(Wg, k_t, v_t)
+    u = grad(Wg, k_t, v_t)
     e, th, a = (x[..., None, None] for x in (e_t, th_t, a_t))
     S = tuple(e * s - th * g for s, g in zip(S, u, strict=True))
     W = tuple((1.0 - a) * w + s for w, s in zip(W, S, strict=True))
@@ -230,7 +262,7 @@ def _scan(p: _Prepared, C: int, read: str):
   return jnp.moveaxis(out, 0, 1), (W, S)
 
 
-def _chunk(state, xs, *, init, read: str, has_reset: bool):
+def _chunk(state, xs, *, init, read: str, has_reset: bool, grad=_grad):
   """One chunk of the parallel form (module docstring); any chunk length."""
   W0, S0 = state
   q, k, v, eta, theta, alpha, r = xs  # [B, C, N, ·], gates [B, C, N], r [B, C]
@@ -242,10 +274,10 @@ def _chunk(state, xs, *, init, read: str, has_reset: bool):
   if has_reset:  # gradient point per token: W_0, or the initial memory after a reset
     f = first[:, :, None, None, None] > 0
     Wg = tuple(jnp.where(f, w0[:, None], wi[:, None]) for w0, wi in zip(W0, init, strict=True))
-    u = jax.vmap(_grad, in_axes=(1, 1, 1), out_axes=1)(Wg, k, v)  # [B, C, N, i, o] each
+    u = jax.vmap(grad, in_axes=(1, 1, 1), out_axes=1)(Wg, k, v)  # [B, C, N, i, o] each
   else:
     Wg = None
-    u = jax.vmap(_grad, in_axes=(None, 1, 1), out_axes=1)(W0, k, v)
+    u = jax.vmap(grad, in_axes=(None, 1, 1), out_axes=1)(W0, k, v)
 
   strict = jnp.tril(jnp.ones((C, C), bool), -1)
   e_BNC, th_BNC, a_BNC = (g.transpose(0, 2, 1) for g in (eta, theta, 1.0 - alpha))
@@ -296,11 +328,11 @@ def _chunk(state, xs, *, init, read: str, has_reset: bool):
   return (W_end, tuple(s[:, 0] for s in S_end)), y
 
 
-def _chunked(p: _Prepared, C: int, read: str, has_reset: bool):
+def _chunked(p: _Prepared, C: int, read: str, has_reset: bool, grad=_grad):
   B, T = p.q.shape[:2]
   nC = T // C
   xs = (p.q, p.k, p.v, p.eta, p.theta, p.alpha, p.reset)
-  step = functools.partial(_chunk, init=p.init, read=read, has_reset=has_reset)
+  step = functools.partial(_chunk, init=p.init, read=read, has_reset=has_reset, grad=grad)
   state, outs = p.state, []
   if nC:
     blocks = tuple(jnp.moveaxis(a[:, : nC * C].reshape((B, nC, C) + a.shape[2:]), 1, 0) for a in xs)
@@ -329,10 +361,10 @@ def _l2(x):
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
 
 
-def _run(p: _Prepared, C, read, mode, implementation, has_reset):
+def _run(p: _Prepared, C, read, mode, implementation, has_reset, grad=_grad):
   if mode == "recurrent" or implementation == "reference":
-    return _scan(p, C, read)
-  return _chunked(p, C, read, has_reset)
+    return _scan(p, C, read, grad)
+  return _chunked(p, C, read, has_reset, grad)
 
 
 @typing.no_type_check
@@ -353,6 +385,7 @@ def titans_lmm(
   chunk_size: int = 64,
   mode: str = "chunk",
   implementation: str | None = None,
+  attentional_bias: tuple = ("l2",),
 ):
   """Titans neural long-term memory (Titans: Learning to Memorize at Test Time); see the
   module docstring.
@@ -371,17 +404,37 @@ def titans_lmm(
     chunk_size: C, the tokens per mini-batch gradient step (C = 1: online GD).
     mode: "chunk" or "recurrent" (the token scan, for decoding).
     implementation: "reference" (token scan) or "xla" (chunked; default).
+    attentional_bias: the per-token loss (Miras): ("l2",) ‖M(k) − v‖² (Titans), ("huber", δ)
+      (Yaad) or ("lp", p) (Moneta's ℓp); see ``bias_grad``.
 
   Returns:
     ``y [B, T, N, Hv]`` in q's dtype (and the final state).
   """
   _check_call_options(chunk_size, mode, implementation)
+  grad = bias_grad(tuple(attentional_bias))
   if l2_normalize:
     q, k = _l2(q), _l2(k)
   p = _prepare(q, k, v, eta, theta, alpha, memory, scale, initial_state, segment_ids)
-  out, state = _run(p, chunk_size, "after", mode, implementation, segment_ids is not None)
+  out, state = _run(p, chunk_size, "after", mode, implementation, segment_ids is not None, grad)
   out = out.astype(q.dtype)
   return (out, state) if return_final_state else out
+
+
+def miras_yaad(q, k, v, eta, theta, alpha, *, huber_delta: float = 1.0, **kwargs):
+  """Yaad (It's All Connected: ... Miras): ``titans_lmm`` with the Huber attentional bias
+  (quadratic up to ``huber_delta``, linear beyond: robust to outlier values) and ℓ2
+  retention (the forgetting α; momentum η as Titans). δ → ∞ is the ℓ2 update."""
+  return titans_lmm(q, k, v, eta, theta, alpha, attentional_bias=("huber", huber_delta), **kwargs)
+
+
+def miras_moneta(q, k, v, eta, theta, alpha, *, lp_p: float = 3.0, lq_q: float = 2.0, **kwargs):
+  """Moneta (Miras): ``titans_lmm`` with the ℓp attentional bias ‖M(k) − v‖_p^p on the
+  (default 2-layer MLP) memory. Retention: only ℓ2 (q = 2, the forgetting α) is built; the
+  paper's ℓq retention for q ≠ 2 raises NotImplementedError. p = 2 with η = 0 is
+  ``titans_lmm`` without momentum."""
+  if lq_q != 2:
+    raise NotImplementedError(f"Moneta's ℓq retention is built for q = 2 only; got q={lq_q!r}")
+  return titans_lmm(q, k, v, eta, theta, alpha, attentional_bias=("lp", lp_p), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -916,3 +969,45 @@ registry.register(
     init="attn_jax.attention.titans:init_titans_mal",
   )
 )
+
+
+def _build_yaad(key, dims, causal):
+  return {**_build_lmm(key, dims, causal), "huber_delta": 0.5}
+
+
+def _build_moneta(key, dims, causal):
+  kw = _build_lmm(key, dims, causal)  # ℓ3 gradients grow as e²: small steps stay stable
+  return {**kw, "theta": 0.1 * kw["theta"], "lp_p": 3.0}
+
+
+for _id, _paper, _entry, _check, _build in (
+  (
+    "miras_yaad",
+    "Yaad",
+    "miras_yaad",
+    "δ → ∞ equals the ℓ2 update (titans_lmm); chunk size 1 equals online GD on the Huber loss.",
+    _build_yaad,
+  ),
+  (
+    "miras_moneta",
+    "Moneta",
+    "miras_moneta",
+    "p = 2 with ℓ2 retention matches titans_lmm with the same memory and no momentum.",
+    _build_moneta,
+  ),
+):
+  registry.register(
+    registry.Mechanism(
+      id=_id,
+      family="h",
+      paper="It's All Connected: A Journey Through Test-Time Memorization, Attentional Bias, "
+      f"Retention, and Online Optimization ({_paper})",
+      entry_point=f"attn_jax.attention.titans:{_entry}",
+      implementations=IMPLEMENTATIONS,
+      patterns=frozenset((registry.SELF_CAUSAL,)),
+      decode=False,
+      tier=3,
+      check=_check,
+      build=_build,
+    )
+  )
