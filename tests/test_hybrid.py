@@ -134,3 +134,12 @@ def test_hybrid_of_every_linear_kind_decodes_like_the_full_sequence(rng):
   assert cache["layers"][0]["state"].shape == (2, 4, 8, 9)  # elu+1 features, z column
   assert cache["layers"][2]["k"].shape == (2, 9, 4, 8)
   decode_matches_full(model, normal(rng, (2, 9, 32), jnp.float32), prefill=5)
+
+
+def test_short_convolutions_decode_like_the_full_sequence(rng):
+  """``short_conv`` carries the last W − 1 projections in the cache: prefill 2 tokens (fewer
+  than W − 1), then one at a time == the full forward."""
+  model = make(["gated_delta", "mha", "based"], num_layers=3, options={"short_conv": 4})
+  cache = model.init_cache(2, 9)
+  assert cache["layers"][0]["conv_v"].shape == (2, 3, 4, 8)
+  decode_matches_full(model, normal(rng, (2, 9, 32), jnp.float32), prefill=2)

@@ -169,6 +169,96 @@ def test_decay_limits(rng):
   close(lin.linear_attention(q, k, v, const), lin.linear_attention(q, k, v, fixed), 1e-12)
 
 
+def short_conv_oracle(x, w, segment_ids=None, prefix=None):
+  """y_t = silu(Σ_i w_i x_(t−i)) by a numpy loop over t and i, in float64."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  if prefix is not None:  # the W − 1 inputs before x
+    x = np.concatenate([np.asarray(prefix, np.float64), x], axis=1)
+  start = 0 if prefix is None else prefix.shape[1]
+  y = np.zeros((x.shape[0], x.shape[1] - start, *x.shape[2:]))
+  for b in range(x.shape[0]):
+    for t in range(start, x.shape[1]):
+      for i in range(w.shape[0]):
+        s = t - i
+        if s < 0 or (segment_ids is not None and segment_ids[b, s] != segment_ids[b, t]):
+          continue
+        y[b, t - start] += w[i] * x[b, s]
+  return y / (1 + np.exp(-y))
+
+
+def test_short_conv(rng):
+  """The depthwise causal filter equals a loop, stops at document starts, and in pieces with
+  the cache (including pieces shorter than W − 1) equals one pass; gradients match the
+  loop's; bad input."""
+  ks = jax.random.split(rng, 4)
+  B, T, N, H, W = 2, 13, 3, 4, 4
+  x = normal(ks[0], (B, T, N, H), jnp.float64)
+  w = normal(ks[1], (W, N, H), jnp.float64)
+  seg = np.array([[0] * 5 + [1] * 8, [3] * 2 + [4] * 10 + [5]])
+  close(lin.short_conv(x, w), short_conv_oracle(x, w), 1e-12)
+  close(lin.short_conv(x, w, segment_ids=jnp.asarray(seg)), short_conv_oracle(x, w, seg), 1e-12)
+  close(lin.short_conv(x, w, activation=None)[:, :1], w[0] * x[:, :1], 1e-12)
+  cache, pieces = jnp.zeros((B, W - 1, N, H), x.dtype), []
+  for lo, hi in ((0, 5), (5, 6), (6, 8), (8, 13)):
+    y, cache = lin.short_conv(x[:, lo:hi], w, cache=cache)
+    pieces.append(y)
+  close(jnp.concatenate(pieces, axis=1), short_conv_oracle(x, w), 1e-12)
+  close(cache, x[:, -(W - 1) :], 0)
+  prefix = normal(ks[2], (B, W - 1, N, H), jnp.float64)
+  close(lin.short_conv(x, w, cache=prefix)[0], short_conv_oracle(x, w, prefix=prefix), 1e-12)
+
+  def naive(x, w):  # the same sum written with a dense Toeplitz matrix
+    idx = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    taps = jnp.where((idx >= 0) & (idx < W), w[jnp.clip(idx, 0, W - 1)].transpose(2, 3, 0, 1), 0)
+    return jax.nn.silu(jnp.einsum("NHts,BsNH->BtNH", taps, x))
+
+  ct = normal(ks[3], (B, T, N, H), jnp.float64)
+  grads = jax.grad(lambda x, w: jnp.sum(lin.short_conv(x, w) * ct), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(naive(x, w) * ct), argnums=(0, 1))(x, w)
+  for a, b in zip(grads, want, strict=True):
+    close(a, b, 1e-10)
+  with pytest.raises(ValueError, match="weight must be"):
+    lin.short_conv(x, w[:, :2])
+  with pytest.raises(ValueError, match="cache must be"):
+    lin.short_conv(x, w, cache=jnp.zeros((B, W, N, H)))
+  with pytest.raises(ValueError, match="not both"):
+    lin.short_conv(x, w, cache=prefix, segment_ids=jnp.asarray(seg))
+  with pytest.raises(ValueError, match="activation"):
+    lin.short_conv(x, w, activation="relu")
+
+
+def test_short_conv_layer_packs_documents(rng):
+  """A delta-rule stack with ``short_conv``: two packed documents == each run alone (the
+  filter does not reach across the boundary), and the first token of the second document
+  sees no previous token."""
+  model = Transformer(
+    num_layers=2,
+    attention="gated_delta",
+    d_model=16,
+    num_heads=2,
+    positions="none",
+    mlp="none",
+    options={"linear_chunk": 4, "short_conv": 4},
+    rngs=nnx.Rngs(0),
+  )
+  assert model.blocks[0].attn.conv_k[...].shape == (4, 2, 8)
+  x = normal(rng, (1, 11, 16), jnp.float32)
+  seg = jnp.asarray([[0] * 6 + [1] * 5])
+  packed = model(x, segment_ids_BT=seg)
+  close(packed[:, :6], model(x[:, :6]), 1e-5)
+  close(packed[:, 6:], model(x[:, 6:]), 1e-5)
+  with pytest.raises(ValueError, match="short_conv must be"):
+    Transformer(
+      num_layers=1,
+      attention="lightning",
+      d_model=16,
+      num_heads=2,
+      positions="none",
+      options={"short_conv": -1},
+      rngs=nnx.Rngs(0),
+    )
+
+
 @pytest.mark.parametrize(
   "kind", ["linear_attn", "lightning", "simple_gla", "delta_rule", "gated_delta", "gla", "based"]
 )

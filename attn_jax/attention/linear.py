@@ -301,6 +301,56 @@ def materialised(q, k, v, log_decay=None, *, scale=None, feature_map="identity",
   return out
 
 
+def short_conv(
+  x: Float[Array, "B T *F"],
+  weight: Float[Array, "W *F"],
+  *,
+  segment_ids: Int[Array, "B T"] | None = None,
+  cache: Float[Array, "B Wm1 *F"] | None = None,
+  activation: str | None = "silu",
+):
+  """Causal depthwise ("short") convolution over time, one filter per channel:
+  y_t = act(Σ_(i<W) w_i ⊙ x_(t−i)), the token mixer that linear-attention layers run on their
+  q/k/v projections (H3, Based, GLA, DeltaNet) so that a single layer sees each token's
+  predecessors — the "shift" an induction head otherwise needs a second layer for.
+
+  ``segment_ids`` stop the filter at document starts (a token never sees the previous
+  document's tail). ``cache`` ``[B, W − 1, *F]`` holds the W − 1 inputs before ``x`` (zeros
+  at the start of a sequence): then the result is ``(y, new cache)`` — decoding one token at
+  a time, or a long sequence in pieces, equals one pass. ``activation``: "silu" or None."""
+  W = weight.shape[0]
+  if W < 1 or weight.shape[1:] != x.shape[2:]:
+    raise ValueError(
+      f"short_conv weight must be [W >= 1, *{x.shape[2:]}] for x {x.shape}; got {weight.shape}"
+    )
+  if activation not in ("silu", None):
+    raise ValueError(f"short_conv activation must be 'silu' or None; got {activation!r}")
+  if cache is not None and segment_ids is not None:
+    raise ValueError("short_conv takes segment_ids or a cache, not both")
+  B, T = x.shape[:2]
+  prefix = cache if cache is not None else jnp.zeros((B, W - 1, *x.shape[2:]), x.dtype)
+  if prefix.shape != (B, W - 1, *x.shape[2:]):
+    raise ValueError(f"short_conv cache must be {(B, W - 1, *x.shape[2:])}; got {prefix.shape}")
+  xp = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, *F]
+  if segment_ids is not None:
+    seg = jnp.pad(segment_ids, ((0, 0), (W - 1, 0)), constant_values=-1)
+  extra = (1,) * (x.ndim - 2)
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # at least float32
+  y = jnp.zeros(x.shape, acc)
+  for i in range(W):  # tap i reads x_(t - i)
+    tap = jax.lax.slice_in_dim(xp, W - 1 - i, W - 1 - i + T, axis=1).astype(acc)
+    if segment_ids is not None:
+      same = jax.lax.slice_in_dim(seg, W - 1 - i, W - 1 - i + T, axis=1) == segment_ids
+      tap = jnp.where(same.reshape(B, T, *extra), tap, 0.0)
+    y = y + weight[i].astype(acc) * tap
+  if activation == "silu":
+    y = jax.nn.silu(y)
+  y = y.astype(x.dtype)
+  if cache is None:
+    return y
+  return y, xp[:, xp.shape[1] - (W - 1) :]
+
+
 def lightning_log_decay(num_heads: int) -> np.ndarray:
   """Per-head log λ_n with λ_n = 1 − 2^(−5 − n) (the retention schedule; the catalog's TNL
   formula is marked "verify", so this is our stated choice)."""

@@ -9,8 +9,8 @@ Delta rules: q and k are L2-normalised per head, β_t = sigmoid(x_t W_β) per (t
 ``gated_delta`` adds the decay of ``simple_gla``. ``gla``: per key-dimension gates
 g = −softplus(x W_1 W_2 + b) / ``gla_tau`` from a rank-``gla_rank`` projection. ``based``:
 q and k projected to ``based_dim`` features, the Taylor map [1, x, vec(x xᵀ)/√2] and the z
-normaliser (the short convolutions and sliding-window layers of the Based model are
-separate layers of a hybrid schedule). ``hgrn2``: the query projection is the output gate g,
+normaliser (the Based model's short convolutions: option ``short_conv``; its
+sliding-window layers: a hybrid schedule). ``hgrn2``: the query projection is the output gate g,
 the key projection the forget-gate logits z and the value projection the input i (no
 activations on g or i: our choice), f = γ + (1 − γ)·σ(z) with a learned lower bound γ per
 (head, key dimension) that rises with depth: γ lies in the band of this layer
@@ -21,7 +21,11 @@ layer its 1-based ``layer_index`` but not the depth), starting mid-band.
 Decays: ``linear_attn`` none (feature map ``linear_feature_map``, default "elu1", with the
 z normaliser); ``lightning`` fixed per head, λ_n = 1 − 2^(−5 − n); ``simple_gla``
 g_t = −softplus(x_t W_g + b_g) / ``gla_tau`` per (token, head), b_g initialised so the
-decay starts near 1. Packed documents (segment ids) reset the state. Decoding:
+decay starts near 1. ``short_conv`` = W > 0 (default 0: off) runs a causal depthwise
+convolution of width W, then SiLU, on the q, k and v projections of every kind
+(``attn_jax.attention.linear.short_conv``; the H3/Based/GLA/DeltaNet token mixer that hands
+each token its predecessors inside one layer), before feature maps, L2 norms and RoPE.
+Packed documents (segment ids) reset the state and stop the filter. Decoding:
 ``init_cache`` / ``step`` carry the recurrent state across calls (``Transformer.step``).
 ``ssd_rope``: the ``simple_gla`` decay with RoPE (``rope_base``, ``rotary_dim``) on q and k
 inside the layer. Causal only; model positions "learned" or "none". The generic option keys
@@ -57,6 +61,7 @@ DEFAULT_OPTIONS = {
   "gla_rank": 16,
   "based_dim": 16,
   "hgrn2_num_layers": 0,
+  "short_conv": 0,
 }
 POSITIONS = ("none", "learned")
 
@@ -126,6 +131,15 @@ class LinearAttention(projected.ProjectedAttention):
       specs["hgrn2_theta"] = ((N, H), jax.nn.initializers.zeros, ("heads", None))
     if kind in ("delta_rule", "gated_delta"):
       specs["w_beta"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
+    self.conv = int(options["short_conv"])
+    if self.conv < 0:
+      raise ValueError(f"short_conv must be >= 0 (0: off); got {self.conv}")
+    if self.conv:  # one depthwise causal filter per q/k/v channel, PyTorch Conv1d's init
+      bound = self.conv**-0.5
+      conv_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+      for name, axes in (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")):
+        shape = (self.conv, *specs[f"w_{name}"][0][1:])
+        specs[f"conv_{name}"] = (shape, conv_init, (None, axes, None))
     if kind in ("simple_gla", "gated_delta", "ssd_rope"):
       specs["w_g"] = ((d_model, N), heads_lib._fan_in(d_model), ("embed", "heads"))
       specs["b_g"] = ((N,), jax.nn.initializers.constant(-4.0), ("heads",))
@@ -137,28 +151,45 @@ class LinearAttention(projected.ProjectedAttention):
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """The recurrent state for ``step`` (float32, ``[B, N, H', Hv']``: H' after the feature
-    map, Hv' with the normaliser column); its size does not depend on ``max_len``."""
-    del max_len, dtype
+    map, Hv' with the normaliser column) and, with ``short_conv`` W > 0, the last W − 1
+    q/k/v projections (``conv_q``, ``conv_k``, ``conv_v``); its size does not depend on
+    ``max_len``."""
+    del max_len
     p = self.param_tree()
     H, Hv = p["w_q"].shape[2], p["w_v"].shape[2]
     if self.feature == "taylor":
       H = 1 + H + H * H
-    return {"state": jnp.zeros((batch, self.num_heads, H, Hv + self.normalize), jnp.float32)}
+    cache = {"state": jnp.zeros((batch, self.num_heads, H, Hv + self.normalize), jnp.float32)}
+    for name in ("q", "k", "v") if self.conv else ():
+      shape = (batch, self.conv - 1, *p[f"w_{name}"].shape[1:])
+      cache[f"conv_{name}"] = jnp.zeros(shape, dtype)
+    return cache
 
   def step(self, x_BTD, cache: dict, length):
-    """T new tokens against the carried state: ``(y [B, T, D], {"state": new state})``."""
+    """T new tokens against the carried cache: ``(y [B, T, D], new cache)``."""
     positions = length + jnp.arange(x_BTD.shape[1])  # RoPE of ssd_rope
-    y, state = self._forward(x_BTD, None, cache["state"], positions)
-    return y, {"state": state}
+    return self._forward(x_BTD, None, cache, positions)
 
-  def _forward(self, x_BTD, segment_ids_BT, state, positions=None):
-    """(y, final state or None): the layer, from ``state`` (None: zeros, no state out)."""
+  def _forward(self, x_BTD, segment_ids_BT, cache, positions=None):
+    """(y, new cache or None): the layer, from ``cache`` (None: zeros, no cache out)."""
+    state = None if cache is None else cache["state"]
     carry = {} if state is None else {"initial_state": state, "return_final_state": True}
     p = self.param_tree()
     dtype = x_BTD.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["w_q"].astype(dtype))
     k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["w_k"].astype(dtype))
     v = jnp.einsum("BTD,DKV->BTKV", x_BTD, p["w_v"].astype(dtype))
+    new_cache = {}
+    if self.conv:
+      convolved = []
+      for name, a in (("q", q), ("k", k), ("v", v)):
+        w = p[f"conv_{name}"]
+        if cache is None:
+          convolved.append(linear_lib.short_conv(a, w, segment_ids=segment_ids_BT))
+        else:
+          a, new_cache[f"conv_{name}"] = linear_lib.short_conv(a, w, cache=cache[f"conv_{name}"])
+          convolved.append(a)
+      q, k, v = convolved
     if self.kind == "lightning":
       g = jnp.asarray(linear_lib.lightning_log_decay(self.num_heads))
     elif self.kind in ("simple_gla", "gated_delta", "ssd_rope"):
@@ -205,7 +236,8 @@ class LinearAttention(projected.ProjectedAttention):
     o, state = o if carry else (o, None)
     of = o.astype(jnp.float32)
     of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6) * p["out_norm"]
-    return jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype)), state
+    y = jnp.einsum("BTNV,NVD->BTD", of.astype(dtype), p["w_o"].astype(dtype))
+    return y, (None if cache is None else {"state": state, **new_cache})
 
   def _linear(self, q, k, v, g, segment_ids_BT, carry=None):
     return linear_lib.linear_attention(
