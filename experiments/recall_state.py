@@ -12,6 +12,8 @@ State bytes (float32, summed over layers; the cell's length L bounds the KV cach
   * linear kinds: N·H'·Hv'·4 per layer, H' the feature dimension (Based: 1 + f + f² for f
     projected features), Hv' = Hv + 1 with the z normaliser (linear_attn, based); delta
     rules, GLA, HGRN-2 and Lightning: N·H·Hv·4;
+  * short convolutions (option ``short_conv`` = W of the linear kinds): the last W − 1
+    q/k/v projections, (W − 1)·(N·H + K·H + K·Hv)·4 per layer;
   * hybrids: the sum over their layers.
 
 Accuracy is each run's final test accuracy, with its step budget alongside (runs trained
@@ -19,8 +21,9 @@ under different caps or schedules do not compare exactly); ``--at_step`` reads t
 evaluation at or before a step instead.
 
 The reduction, stated: one cell ((64, 4), d_model 64, 2 layers, 1 head, learned positions,
-no MLP, fresh examples each step) instead of the paper's training mixture and seven test
-cells, no short-convolution layer, and CPU-sized step budgets.
+no MLP) instead of the paper's training mixture and seven test cells, and CPU-sized step
+budgets. Linear kinds run with and without ``short_conv`` (the paper's Based has short
+convolutions; here they sit inside each linear layer rather than as separate layers).
 
   # train (see mqar_sweep.py), then:
   .venv/bin/python experiments/recall_state.py \
@@ -51,6 +54,11 @@ PUBLISHED = {
 NORMALISED = ("linear_attn", "based")
 
 
+def Hk_proj(kind: str, opts: dict, H: int) -> int:  # noqa: N802
+  """Width of the q/k projections (Based projects to ``based_dim`` features)."""
+  return int(opts.get("based_dim", 16)) if kind == "based" else H
+
+
 def layer_state_bytes(kind: str, model: dict, seq_len: int) -> int:
   from attn_jax.attention import registry
 
@@ -64,7 +72,10 @@ def layer_state_bytes(kind: str, model: dict, seq_len: int) -> int:
     if kind == "based":
       f = int(opts.get("based_dim", 16))
       Hk = 1 + f + f * f
-    return 4 * N * Hk * (Hv + (kind in NORMALISED))
+    conv = int(opts.get("short_conv", 0))
+    conv_bytes = 4 * max(conv - 1, 0) * (N * Hk_proj(kind, opts, H) + K * Hk_proj(kind, opts, H))
+    conv_bytes += 4 * max(conv - 1, 0) * K * Hv
+    return 4 * N * Hk * (Hv + (kind in NORMALISED)) + conv_bytes
   if kind == "sliding_window":
     return 2 * 4 * min(int(opts.get("window", seq_len)), seq_len) * K * H
   return 2 * 4 * seq_len * K * H
@@ -100,6 +111,18 @@ def state_bytes(row: dict) -> tuple[int, list[str]]:
   return total, kinds
 
 
+def lr_of(row: dict):
+  """The run's learning rate: the row's ``lr``, else its ``config.json`` (None when neither
+  is here)."""
+  if row.get("lr") is not None:
+    return row["lr"]
+  path = os.path.join(ROOT, row["workdir"], "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["optim"]["lr"]
+
+
 def accuracy_at(row: dict, step: int):
   points = [(s, a) for s, a in row.get("curve", []) if s <= step]
   return (points[-1][1], points[-1][0]) if points else (None, None)
@@ -109,22 +132,25 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--inputs", required=True, help="comma-separated mqar_sweep .json files")
   p.add_argument("--cell", default="64x4")
-  p.add_argument("--d_model", type=int, default=64)
+  p.add_argument("--d_model", default="64", help="one width or several: 16,32,64")
   p.add_argument("--at_step", type=int, default=None, help="default: the final evaluation")
   p.add_argument("--out", default=os.path.join(RESULTS, "recall_state"))
   args = p.parse_args(argv)
   L, _, P = args.cell.partition("x")
+  widths = [int(d) for d in str(args.d_model).split(",")]
   rows = []
   for path in args.inputs.split(","):
     with open(path) as f:
       for r in json.load(f):
-        if (r["seq_len"], r["num_pairs"], r["d_model"]) != (int(L), int(P), args.d_model):
+        if (r["seq_len"], r["num_pairs"]) != (int(L), int(P)) or r["d_model"] not in widths:
           continue
         nbytes, kinds = state_bytes(r)
         acc, step = accuracy_at(r, args.at_step) if args.at_step else (r["accuracy"], r["steps"])
         rows.append(
           {
             "mechanism": r["mechanism"],
+            "d_model": r["d_model"],
+            "lr": lr_of(r),
             "layers": kinds,
             "state_bytes": nbytes,
             "log2_bytes": math.log2(nbytes),
@@ -141,19 +167,21 @@ def main(argv=None):
     json.dump({"command": command, "rows": rows, "published": PUBLISHED}, f, indent=1)
   lines = [
     "# MQAR recall vs decoding-state size (recall_state, one cell)\n",
-    f"Cell (L, P) = ({L}, {P}), d_model {args.d_model}, 2 layers, 1 head; accuracy on 3000 "
+    f"Cell (L, P) = ({L}, {P}), d_model {args.d_model}, 2 layers, 1 head; accuracy on the "
     "test examples at "
     + (f"the last evaluation at or before step {args.at_step}" if args.at_step else "the end")
     + " of each run (final accuracy and step alongside). State: float32 bytes summed over "
     "layers.\n",
     f"Command: `{command}`\n",
-    "| mechanism | layers | state bytes | log2 | accuracy | at step | final (step) |",
-    "|---|---|---|---|---|---|---|",
+    "| mechanism | d_model | lr | layers | state bytes | log2 | accuracy | at step "
+    "| final (step) |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
     lines.append(
-      f"| {r['mechanism']} | {'+'.join(r['layers'])} | {r['state_bytes']:,} | "
+      f"| {r['mechanism']} | {r['d_model']} | {r['lr']} | {'+'.join(r['layers'])} | "
+      f"{r['state_bytes']:,} | "
       f"{r['log2_bytes']:.1f} | {acc} | {r['at_step']} | {r['final_accuracy']:.3f} "
       f"({r['final_step']}) |"
     )
@@ -171,23 +199,36 @@ def main(argv=None):
 
 
 def plot(rows, path, at_step):
+  """Accuracy against log2 state bytes: one line per mechanism across widths (several
+  d_model) or one labelled point each (a single width); the published curves dashed."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(7.5, 4.8))
   for name, pts in PUBLISHED.items():
     ax.plot(*zip(*pts, strict=True), ls="--", marker=".", color="0.6", label=name)
+  rows = [r for r in rows if r["accuracy"] is not None]
+  several = len({r["d_model"] for r in rows}) > 1
+  groups = {}
   for r in rows:
-    if r["accuracy"] is None:
-      continue
-    ax.scatter(r["log2_bytes"], r["accuracy"], zorder=3)
-    ax.annotate(r["mechanism"].split(":")[0], (r["log2_bytes"], r["accuracy"]), fontsize=7)
+    label = r["mechanism"].replace("short_conv=4", "conv").replace("based_dim=", "f")
+    groups.setdefault(label, []).append(r)
+  for label, rs in groups.items():
+    rs.sort(key=lambda r: r["state_bytes"])
+    xs, ys = [r["log2_bytes"] for r in rs], [r["accuracy"] for r in rs]
+    if several:
+      ax.plot(xs, ys, marker="o", ms=4, label=label)
+      for r in rs:
+        ax.annotate(f"d{r['d_model']}", (r["log2_bytes"], r["accuracy"]), fontsize=6)
+    else:
+      ax.scatter(xs, ys, zorder=3)
+      ax.annotate(label, (xs[0], ys[0]), fontsize=7)
   ax.set_xlabel("decoding state, log2 bytes")
   ax.set_ylabel("MQAR accuracy" + (f" (step {at_step})" if at_step else ""))
   ax.set_ylim(0, 1.05)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=6, loc="lower right", ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

@@ -120,6 +120,10 @@ def test_recall_state_sizes_and_table(tmp_path):
   assert size("delta_rule", model, 4096) == 64 * 64 * 4  # independent of the length
   based = {**model, "attention_options": {"based_dim": 16}}
   assert size("based", based, 64) == (1 + 16 + 256) * 65 * 4
+  conv = {**model, "attention_options": {"short_conv": 4}}  # + the last 3 q, k, v rows
+  assert size("delta_rule", conv, 64) == 64 * 64 * 4 + 3 * (64 + 64 + 64) * 4
+  based_conv = {**model, "attention_options": {"based_dim": 16, "short_conv": 4}}
+  assert size("based", based_conv, 64) == (1 + 16 + 256) * 65 * 4 + 3 * (16 + 16 + 64) * 4
   results = os.path.join(ROOT, "experiments", "results")
   rows = recall_state.main(
     [
