@@ -212,14 +212,19 @@ def plot(rows, path, at_step):
   rows = [r for r in rows if r["accuracy"] is not None]
   several = len({r["d_model"] for r in rows}) > 1
   groups = {}
+  lrs = {r["lr"] for r in rows}
   for r in rows:
     label = r["mechanism"].replace("short_conv=4", "conv").replace("based_dim=", "f")
+    if len(lrs) > 1 and r["lr"] is not None:
+      label += f" lr {r['lr']:g}"
     groups.setdefault(label, []).append(r)
-  for label, rs in groups.items():
+  colors, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+  for i, (label, rs) in enumerate(groups.items()):
     rs.sort(key=lambda r: r["state_bytes"])
     xs, ys = [r["log2_bytes"] for r in rs], [r["accuracy"] for r in rs]
     if several:
-      ax.plot(xs, ys, marker="o", ms=4, label=label)
+      style = {"color": colors[i % 20], "marker": markers[i % len(markers)]}
+      ax.plot(xs, ys, ms=4, label=label, **style)
       for r in rs:
         ax.annotate(f"d{r['d_model']}", (r["log2_bytes"], r["accuracy"]), fontsize=6)
     else:
