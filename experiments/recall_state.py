@@ -25,10 +25,9 @@ no MLP) instead of the paper's training mixture and seven test cells, and CPU-si
 budgets. Linear kinds run with and without ``short_conv`` (the paper's Based has short
 convolutions; here they sit inside each linear layer rather than as separate layers).
 
-  # train (see mqar_sweep.py), then:
+  # train (see mqar_sweep.py and experiments/results/mqar_linear_conv.md), then:
   .venv/bin/python experiments/recall_state.py \
-      --inputs=experiments/results/mqar_linear.json,experiments/results/mqar_sparse.json,\
-experiments/results/mqar_sweep.json --at_step=1000
+      --inputs=experiments/results/mqar_linear_conv.json --cell=64x16 --d_model=16,32,64
 
 Writes ``experiments/results/recall_state.{json,md,png}``.
 """
