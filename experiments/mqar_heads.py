@@ -9,8 +9,16 @@ after it was interrupted (``--only_finished`` tabulates what exists without laun
   python experiments/mqar_heads.py                        # every row, (64,4), d_model=64
   python experiments/mqar_heads.py --rows=gqa,mqa --cells=64x4,128x8
   python experiments/mqar_heads.py --only_finished        # just the table of finished runs
+  python experiments/mqar_heads.py --setting=small --cells=64x4,128x8 \
+      --out=experiments/results/mqar_heads_small           # the CPU-sized setting
 
-Writes ``experiments/results/mqar_heads.{md,json,png}``.
+Settings: ``zoology`` (default) — vocabulary 8192, batch 512, 3,072,000 fresh examples,
+lr 2.15e-3, evaluation every 250 steps on 3,000 examples; ``small`` — vocabulary 256,
+batch 64, 192,000 fresh examples (3,000 steps), lr 1e-2, evaluation every 100 steps on
+1,000 examples: about 8x cheaper per step, so every mechanism of the head-structure and
+score-function issues fits a CPU session (``mha`` is its baseline row).
+
+Writes ``experiments/results/mqar_heads.{md,json,png}`` (``--out`` to change).
 """
 
 import argparse
@@ -35,6 +43,36 @@ ROWS = {
   "knocking_heads": ("h4", "num_heads=4", ""),
   "mhe": ("h4", "num_heads=4", ""),
   "talking_heads": ("h4", "num_heads=4", ""),
+  "mha": ("h1", "num_heads=1", ""),
+  "head_dims": ("h2", "num_heads=2", ""),
+  "mla_absorbed": ("h2", "num_heads=2", ""),
+  "sigma_diffqkv": ("h4", "num_heads=4", ""),
+  "dcmha": ("h4", "num_heads=4", ""),
+  "mta": ("h4", "num_heads=4", ""),
+  "chai": ("h4", "num_heads=4", ""),
+  "longheads": ("h4", "num_heads=4", ""),
+  "qada": ("h2", "num_heads=2", ""),
+  # score functions and modifiers (catalog families a, e)
+  "grouped_diff_attn": ("h4", "num_heads=4", ""),
+  "cog_attn": ("h2", "num_heads=2", ""),
+  "entmax": ("h2", "num_heads=2", ""),
+  "mgk": ("h2", "num_heads=2", ""),
+  "tab": ("h2", "num_heads=2", ""),
+  "relational_attn": ("h2", "num_heads=2", ""),
+  "positional_attn": ("h2", "num_heads=2", ""),
+  "group_mask": ("h2", "num_heads=2", ""),
+  "rel_skew": ("h2", "num_heads=2", ""),
+  "query_temperature": ("h2", "num_heads=2", ""),
+  "coca": ("h2", "num_heads=2", ""),
+}
+# name -> (runs directory, get_config arguments, config overrides)
+SETTINGS = {
+  "zoology": ("runs/mqar_heads", "num_train=3072000,epochs=1", "eval_every=250"),
+  "small": (
+    "runs/mqar_heads_small",
+    "vocab_size=256,batch_size=64,lr=1e-2,num_train=192000,epochs=1",
+    "eval_every=100,eval_examples=1000,checkpoint_every=500",
+  ),
 }
 
 
@@ -45,6 +83,7 @@ def main(argv=None):
   p.add_argument("--d_model", type=int, default=64)
   p.add_argument("--out", default="experiments/results/mqar_heads")
   p.add_argument("--only_finished", action="store_true", help="tabulate without launching")
+  p.add_argument("--setting", choices=sorted(SETTINGS), default="zoology")
   args = p.parse_args(argv)
   os.chdir(mqar_sweep.ROOT)
   cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
@@ -53,10 +92,11 @@ def main(argv=None):
     if name not in ROWS:
       raise SystemExit(f"unknown row {name!r}; known: {list(ROWS)}")
     heads_dir, config_arg, sets = ROWS[name]
+    runs_dir, base_arg, base_sets = SETTINGS[args.setting]
     run_args = types.SimpleNamespace(
-      runs_dir=f"runs/mqar_heads/{heads_dir}",
-      config_arg=f"num_train=3072000,epochs=1,{config_arg}",
-      sets=",".join(filter(None, ["eval_every=250", sets])),
+      runs_dir=f"{runs_dir}/{heads_dir}",
+      config_arg=f"{base_arg},{config_arg}",
+      sets=",".join(filter(None, [base_sets, sets])),
       rerun=False,
     )
     for L, P in cells:

@@ -1,6 +1,6 @@
 """Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
 brute force, the out-of-distribution range rule, smoke runs of bench_sparse.py and
-bench_linear.py, recall_state.py's state sizes, and (slow)
+bench_linear.py, recall_state.py's state sizes, mqar_heads.py's rows, and (slow)
 two-step smoke runs of positional_tasks.py and diff_attention_maps.py."""
 
 import itertools
@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench_linear  # noqa: E402
 import bench_sparse  # noqa: E402
 import diff_attention_maps  # noqa: E402
+import mqar_heads  # noqa: E402
 import positional_tasks as pt  # noqa: E402
 import recall_state  # noqa: E402
 
@@ -136,3 +137,17 @@ def test_recall_state_sizes_and_table(tmp_path):
   assert by["mha"]["state_bytes"] == 2 * 2 * 64 * 256
   assert [r["state_bytes"] for r in rows] == sorted(r["state_bytes"] for r in rows)
   assert (tmp_path / "rs.png").stat().st_size > 0
+
+
+def test_mqar_heads_rows_are_causal_stack_mechanisms():
+  """Every row names a registered mechanism the causal decoder can run, with a head count
+  that its config argument sets; both settings name their own runs directory."""
+  from attn_jax.attention import registry
+
+  for name, (heads_dir, config_arg, _) in mqar_heads.ROWS.items():
+    mech = registry.get(name)
+    assert mech.causal and "self_causal" in mech.patterns, name
+    assert config_arg == f"num_heads={heads_dir[1:].split('k')[0]}", name
+  assert len({runs for runs, _, _ in mqar_heads.SETTINGS.values()}) == len(mqar_heads.SETTINGS)
+  with pytest.raises(SystemExit, match="unknown row"):
+    mqar_heads.main(["--rows=no_such_row", "--only_finished"])

@@ -6,6 +6,8 @@ the memory; MAC without retrieval is segment-local attention with persistent tok
 its retrieval reads the memory of earlier segments; MAG with the gate fixed to a branch is
 that branch; causality through gradients; bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -459,16 +461,24 @@ def miras_inputs(key, T=11):
 def test_yaad_huber_bias_limits_and_online_gd(rng):
   args, memory = miras_inputs(rng)
   kw = dict(memory=memory, l2_normalize=True, chunk_size=4)
-  l2 = tt.titans_lmm(*args, **kw)
-  close(tt.miras_yaad(*args, huber_delta=1e9, **kw), l2, 1e-10)  # δ → ∞: the ℓ2 update
-  small = tt.miras_yaad(*args, huber_delta=0.05, **kw)
+
+  @jax.jit  # one program for the six runs
+  def run(args):
+    yaad = functools.partial(tt.miras_yaad, *args)
+    return (
+      tt.titans_lmm(*args, **kw),
+      yaad(huber_delta=1e9, **kw),
+      yaad(huber_delta=0.05, **kw),
+      yaad(huber_delta=0.05, **{**kw, "chunk_size": 1}),
+      yaad(huber_delta=0.05, implementation="reference", **{**kw, "chunk_size": 1}),
+      yaad(huber_delta=0.05, implementation="reference", **kw),
+    )
+
+  l2, big, small, chunk1, scan, small_ref = run(args)
+  close(big, l2, 1e-10)  # δ → ∞: the ℓ2 update
   assert float(jnp.abs(small - l2).max()) > 1e-3
-  chunk1 = tt.miras_yaad(*args, huber_delta=0.05, **{**kw, "chunk_size": 1})
-  scan = tt.miras_yaad(
-    *args, huber_delta=0.05, implementation="reference", **{**kw, "chunk_size": 1}
-  )
   close(chunk1, scan, 1e-10)  # chunk 1 = online GD on the Huber loss
-  close(small, tt.miras_yaad(*args, huber_delta=0.05, implementation="reference", **kw), 1e-10)
+  close(small, small_ref, 1e-10)
 
 
 def test_moneta_lp_bias(rng):
