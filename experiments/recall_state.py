@@ -53,7 +53,7 @@ PUBLISHED = {
 NORMALISED = ("linear_attn", "based")
 
 
-def Hk_proj(kind: str, opts: dict, H: int) -> int:  # noqa: N802
+def qk_width(kind: str, opts: dict, H: int) -> int:
   """Width of the q/k projections (Based projects to ``based_dim`` features)."""
   return int(opts.get("based_dim", 16)) if kind == "based" else H
 
@@ -72,8 +72,7 @@ def layer_state_bytes(kind: str, model: dict, seq_len: int) -> int:
       f = int(opts.get("based_dim", 16))
       Hk = 1 + f + f * f
     conv = int(opts.get("short_conv", 0))
-    conv_bytes = 4 * max(conv - 1, 0) * (N * Hk_proj(kind, opts, H) + K * Hk_proj(kind, opts, H))
-    conv_bytes += 4 * max(conv - 1, 0) * K * Hv
+    conv_bytes = 4 * max(conv - 1, 0) * ((N + K) * qk_width(kind, opts, H) + K * Hv)
     return 4 * N * Hk * (Hv + (kind in NORMALISED)) + conv_bytes
   if kind == "sliding_window":
     return 2 * 4 * min(int(opts.get("window", seq_len)), seq_len) * K * H
