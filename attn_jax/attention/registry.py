@@ -615,9 +615,9 @@ _softmax_entry(
   False,
   "An all-true table plus causal equals `causal`. Under the modality-mutual rule, text-token "
   "rows are unchanged and no token sees an answer token placed after it. (GroupMask is not "
-  "lowered for the Pallas kernels; no NNX module: the stacks carry no per-token group ids.)",
+  "lowered for the Pallas kernels; the stack layer takes groups from the options "
+  "group_starts/group_table/group_rule or per-token group_ids_BT.)",
   tier=2,
-  module=None,
   kernels=False,
 )
 _softmax_entry(

@@ -8,7 +8,13 @@ Hv value head dim.
 ``prefix``, ``softcap``, ``longheads_top_k``); anything not given takes the default in
 ``DEFAULT_OPTIONS``. ``longheads`` (training-free chunk selection per head) reads ``chunk`` as
 its chunk size; ``qada`` (training-free local/full choice per query and head) reads
-``window`` as its recent-key window.
+``window`` as its recent-key window. ``group_mask`` (token groups with a G×G visibility table)
+reads ``group_starts`` (the position where each group begins: "0,8,40" is three groups;
+"": one group), ``group_table`` (rows of 0/1, one per query group: "10/11" lets group 1 see
+group 0 but not the reverse; "": all true) and ``group_rule`` ("and": the table restricts
+causal attention, isolating groups; "or": the table grants visibility beyond causal, e.g.
+image tokens seeing a later text prompt); per-token ids passed as ``group_ids_BT`` replace
+the position-derived ones.
 """
 
 import math
@@ -66,6 +72,7 @@ KINDS = (
   "coca",
   "periodic_bias",
   "existence_bias",
+  "group_mask",
 )
 CAUSAL_ONLY = (
   "flexprefill",
@@ -114,6 +121,9 @@ DEFAULT_OPTIONS = {
   "longheads_top_k": 4,
   "qada_sinks": 4,
   "qada_tau": 0.5,
+  "group_starts": "",
+  "group_table": "",
+  "group_rule": "and",
 }
 POSITIONS = ("rope", "learned", "none")
 
@@ -237,6 +247,41 @@ class Attention(nnx.Module):
     parts = [p.strip() for p in str(self.options[key]).split(";")]
     return parts[(self.layer_index - 1) % len(parts)]
 
+  def _group_table(self):
+    """The ``group_table`` option as a bool [G, G] array (G from ``group_starts``)."""
+    starts = _ints(self.options["group_starts"]) or (0,)
+    text = str(self.options["group_table"]).strip()
+    G = len(starts)
+    if not text:
+      return jnp.ones((G, G), bool)
+    rows = [r.strip() for r in text.split("/")]
+    if len(rows) != G or any(len(r) != G or set(r) - {"0", "1"} for r in rows):
+      raise ValueError(
+        f"group_table must be {G} rows of {G} 0/1 digits separated by '/' (one per group of "
+        f"group_starts={self.options['group_starts']!r}); got {text!r}"
+      )
+    return jnp.asarray([[c == "1" for c in r] for r in rows])
+
+  def _group_mask(self, base, positions_BT, group_ids_BT, batch_length):
+    """``base`` combined with the token-group mask of the ``group_*`` options."""
+    table = self._group_table()
+    if group_ids_BT is None:
+      starts = _ints(self.options["group_starts"]) or (0,)
+      if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(
+          f"group_starts must start at 0 and increase; got {self.options['group_starts']!r}"
+        )
+      pos = jnp.arange(batch_length[1]) if positions_BT is None else positions_BT
+      group_ids_BT = jnp.searchsorted(jnp.asarray(starts), pos, side="right") - 1
+      group_ids_BT = jnp.broadcast_to(group_ids_BT, batch_length).astype(jnp.int32)
+    group = masks.GroupMask(group_ids_BT, group_ids_BT, table=table)
+    rule = str(self.options["group_rule"])
+    if rule not in ("and", "or"):
+      raise ValueError(f"group_rule must be 'and' or 'or'; got {rule!r}")
+    if base is None:
+      return group
+    return base & group if rule == "and" else base | group
+
   def _mask(self, segment_ids_BT, length: int):
     kind, o = self.kind, self.options
     if kind == "sliding_window":
@@ -260,13 +305,23 @@ class Attention(nnx.Module):
       mask = seg if mask is None else mask & seg
     return mask
 
-  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, capture: bool = False):
+  def __call__(
+    self,
+    x_BTD,
+    *,
+    positions_BT=None,
+    segment_ids_BT=None,
+    group_ids_BT=None,
+    capture: bool = False,
+  ):
     """Attention over ``x [B, T, D]``.
 
     Args:
       positions_BT: token positions for RoPE (default ``arange(T)``).
       segment_ids_BT: packed-document ids; tokens attend only within their document (0 is
         padding and attends nowhere).
+      group_ids_BT: token-group ids in [0, G) for kind ``group_mask`` (default: from the
+        ``group_starts`` option and the positions); refused by the other kinds.
       capture: sow the attention probabilities ``[B, N, T, T]`` and the per-head outputs
         ``[B, T, N, Hv]`` as ``nnx.Intermediate`` (computed by the reference path; off by
         default, and free when off). Collect them with
@@ -292,7 +347,22 @@ class Attention(nnx.Module):
     q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", None))
     k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", None))
     v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", None))
-    kwargs = {"mask": self._mask(segment_ids_BT, x_BTD.shape[1])}
+    if group_ids_BT is not None and self.kind != "group_mask":
+      raise ValueError(f"group_ids_BT is read by kind 'group_mask' only; got kind {self.kind!r}")
+    if group_ids_BT is not None and jnp.shape(group_ids_BT) != x_BTD.shape[:2]:
+      raise ValueError(
+        f"group_ids_BT must have shape [B, T] = {list(x_BTD.shape[:2])}; got "
+        f"{list(jnp.shape(group_ids_BT))}"
+      )
+    if self.kind == "group_mask":  # groups combine with causal; documents restrict both
+      mask = self._group_mask(
+        self._mask(None, x_BTD.shape[1]), positions_BT, group_ids_BT, x_BTD.shape[:2]
+      )
+      if segment_ids_BT is not None:
+        mask = mask & masks.SegmentMask(segment_ids_BT, segment_ids_BT)
+      kwargs = {"mask": mask}
+    else:
+      kwargs = {"mask": self._mask(segment_ids_BT, x_BTD.shape[1])}
     if self.kind == "alibi":
       kwargs["bias"] = biases.AlibiBias.default(self.num_heads)
     if self.kind == "existence_bias":  # log p_j of continue probabilities σ(x_j·w + b)
