@@ -76,10 +76,15 @@ SETTINGS = {
 }
 
 
+def setting_value(config_arg: str, key: str, default=None) -> float:
+  """The value a setting's get_config arguments give ``key`` (``default`` when absent)."""
+  values = [float(kv.split("=")[1]) for kv in config_arg.split(",") if kv.startswith(key + "=")]
+  return values[0] if values else default
+
+
 def setting_lr(config_arg: str) -> float:
   """The learning rate a setting's get_config arguments name."""
-  (lr,) = [float(kv.split("=")[1]) for kv in config_arg.split(",") if kv.startswith("lr=")]
-  return lr
+  return setting_value(config_arg, "lr")
 
 
 def main(argv=None):
@@ -97,12 +102,23 @@ def main(argv=None):
     "the setting's runs in <runs_dir>_lr<rate>/, and the table keeps each row's best rate "
     "(Zoology's protocol)",
   )
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=0,
+    help="training steps (fresh batches) instead of the setting's; runs in <runs_dir>_steps<N>/",
+  )
   args = p.parse_args(argv)
   os.chdir(mqar_sweep.ROOT)
   cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
   runs_dir, base_arg, base_sets = SETTINGS[args.setting]
   base_lr = setting_lr(base_arg)
   base_arg = ",".join(kv for kv in base_arg.split(",") if not kv.startswith("lr="))
+  if args.steps:  # num_train = steps x batch (one epoch of fresh examples)
+    batch = setting_value(SETTINGS[args.setting][1], "batch_size", 512)
+    base_arg = ",".join(kv for kv in base_arg.split(",") if not kv.startswith("num_train="))
+    base_arg += f",num_train={args.steps * int(batch)}"
+    runs_dir = f"{runs_dir}_steps{args.steps}"
   lrs = [float(x) for x in args.lrs.split(",") if x] or [base_lr]
   results = []
   for name in filter(None, args.rows.split(",")):
@@ -126,6 +142,8 @@ def main(argv=None):
         (row,) = mqar_sweep.collect([name], [(L, P)], [args.d_model], run_args)
         row["lr"] = lr
         row["mechanism"] = f"{name} ({heads_dir})" + (f", lr {lr:g}" if len(lrs) > 1 else "")
+        if args.steps:
+          row["mechanism"] += f", {args.steps} steps"
         if best is None or row["accuracy"] > best["accuracy"]:
           best = row
       if best is not None:

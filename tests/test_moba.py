@@ -57,13 +57,16 @@ def test_all_blocks_is_causal(rng):
   )
 
 
-def test_blocked_equals_dense_masked_reference_with_gradients(rng):
-  q, k, v = qkv(rng, dtype=jnp.float64)
-  ids = jnp.asarray([[1] * 20 + [2] * 17, [1] * 30 + [0] * 7])
+# (37, 6): default tiles; (260, 4): 65 chunks >= 32 x top_k, so the xla path runs at the
+# chunk-granular tiles of longheads.selection_tile (64 tokens, the last one padded).
+@pytest.mark.parametrize("T, block", [(37, 6), (260, 4)])
+def test_blocked_equals_dense_masked_reference_with_gradients(rng, T, block):
+  q, k, v = qkv(rng, T=T, dtype=jnp.float64)
+  ids = jnp.asarray([[1] * (T // 2) + [2] * (T - T // 2), [1] * (T - 7) + [0] * 7])
   seg = SegmentMask(ids, ids)
   w = normal(jax.random.fold_in(rng, 3), q.shape, jnp.float64)
-  _, sel = moba_lib.moba(q, k, v, moba_block=6, moba_top_k=2, mask=seg, return_selection=True)
-  visible = moba_lib.selection_mask_dense(sel, 6, 37) & np.asarray(seg.dense(37, 37))[:, None]
+  _, sel = moba_lib.moba(q, k, v, moba_block=block, moba_top_k=2, mask=seg, return_selection=True)
+  visible = moba_lib.selection_mask_dense(sel, block, T) & np.asarray(seg.dense(T, T))[:, None]
 
   def dense(q, k, v):
     G = q.shape[2] // k.shape[2]
@@ -80,7 +83,7 @@ def test_blocked_equals_dense_masked_reference_with_gradients(rng):
     return jnp.sum(fn(*args) * w)
 
   def fast(q, k, v):
-    return moba_lib.moba(q, k, v, moba_block=6, moba_top_k=2, mask=seg, implementation="xla")
+    return moba_lib.moba(q, k, v, moba_block=block, moba_top_k=2, mask=seg, implementation="xla")
 
   want, want_g = jax.value_and_grad(lambda *a: loss(dense, *a), (0, 1, 2))(q, k, v)
   f32 = [a.astype(jnp.float32) for a in (q, k, v)]

@@ -117,7 +117,7 @@ def moba(
   selected = moba_select(q_BTNH, k_BSKH, block=moba_block, top_k=moba_top_k)
   base = masks_lib.CausalMask() if mask is None else masks_lib.CausalMask() & mask
   out = longheads_lib.attend_selected_chunks(
-    q_BTNH, k_BSKH, v_BSKV, selected, moba_block, base, impl
+    q_BTNH, k_BSKH, v_BSKV, selected, moba_block, base, impl, moba_top_k
   )
   return (out, selected) if return_selection else out
 
