@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mqar_sweep  # noqa: E402
 
-# name -> (heads directory, get_config arguments, config overrides)
+# name (a registry id, or "id:option=value" as mqar_sweep takes) -> (heads directory,
+# get_config arguments, config overrides)
 ROWS = {
   "gqa": ("h4k2", "num_heads=4", "model.num_kv_heads=2"),
   "mqa": ("h2", "num_heads=2", ""),
@@ -46,6 +47,10 @@ ROWS = {
   "mha": ("h1", "num_heads=1", ""),
   "head_dims": ("h2", "num_heads=2", ""),
   "mla_absorbed": ("h2", "num_heads=2", ""),
+  # MLA without its decoupled rotary dims (R = 0): positions come from the learned embedding
+  # alone, as for every other row (the rotary key slows the induction circuit here).
+  "mla:qk_rope_head_dim=0": ("h2", "num_heads=2", ""),
+  "mla_absorbed:qk_rope_head_dim=0": ("h2", "num_heads=2", ""),
   "sigma_diffqkv": ("h4", "num_heads=4", ""),
   "dcmha": ("h4", "num_heads=4", ""),
   "mta": ("h4", "num_heads=4", ""),

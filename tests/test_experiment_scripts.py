@@ -145,7 +145,7 @@ def test_mqar_heads_rows_are_causal_stack_mechanisms():
   from attn_jax.attention import registry
 
   for name, (heads_dir, config_arg, _) in mqar_heads.ROWS.items():
-    mech = registry.get(name)
+    mech = registry.get(mqar_heads.mqar_sweep.parse_mechanism(name)[0])
     assert mech.causal and "self_causal" in mech.patterns and mech.module, name
     assert config_arg == f"num_heads={heads_dir[1:].split('k')[0]}", name
   assert len({runs for runs, _, _ in mqar_heads.SETTINGS.values()}) == len(mqar_heads.SETTINGS)
