@@ -109,22 +109,34 @@ def main(argv=None):
   )
   p.add_argument(
     "--steps",
-    type=int,
-    default=0,
-    help="training steps (fresh batches) instead of the setting's; runs in <runs_dir>_steps<N>/",
+    default="",
+    help="comma-separated training budgets in steps (fresh batches; 0 = the setting's); a "
+    "budget other than the setting's runs in <runs_dir>_steps<N>/, and the table keeps each "
+    "row's best (budget, rate)",
   )
   args = p.parse_args(argv)
   os.chdir(mqar_sweep.ROOT)
   cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
-  runs_dir, base_arg, base_sets = SETTINGS[args.setting]
-  base_lr = setting_lr(base_arg)
-  base_arg = ",".join(kv for kv in base_arg.split(",") if not kv.startswith("lr="))
-  if args.steps:  # num_train = steps x batch (one epoch of fresh examples)
-    batch = setting_value(SETTINGS[args.setting][1], "batch_size", 512)
-    base_arg = ",".join(kv for kv in base_arg.split(",") if not kv.startswith("num_train="))
-    base_arg += f",num_train={args.steps * int(batch)}"
-    runs_dir = f"{runs_dir}_steps{args.steps}"
+  setting_dir, setting_arg, base_sets = SETTINGS[args.setting]
+  base_lr = setting_lr(setting_arg)
   lrs = [float(x) for x in args.lrs.split(",") if x] or [base_lr]
+  budgets = [int(x) for x in args.steps.split(",") if x] or [0]
+  variants = []  # (runs directory, get_config arguments without lr, lr, label)
+  for steps in budgets:
+    base_arg = ",".join(kv for kv in setting_arg.split(",") if not kv.startswith("lr="))
+    runs_dir = setting_dir
+    if steps:  # num_train = steps x batch (one epoch of fresh examples)
+      batch = setting_value(setting_arg, "batch_size", 512)
+      base_arg = ",".join(kv for kv in base_arg.split(",") if not kv.startswith("num_train="))
+      base_arg += f",num_train={steps * int(batch)}"
+      runs_dir = f"{setting_dir}_steps{steps}"
+    for lr in lrs:
+      label = ", ".join(
+        ([f"lr {lr:g}"] if len(lrs) > 1 else [])
+        + ([f"{steps or 'default'} step budget"] if len(budgets) > 1 or steps else [])
+      )
+      lr_dir = runs_dir if lr == base_lr else f"{runs_dir}_lr{lr:g}"
+      variants.append((lr_dir, base_arg, lr, label))
   results = []
   for name in filter(None, args.rows.split(",")):
     if name not in ROWS:
@@ -132,8 +144,7 @@ def main(argv=None):
     heads_dir, config_arg, sets = ROWS[name]
     for L, P in cells:
       best = None
-      for lr in lrs:
-        lr_dir = runs_dir if lr == base_lr else f"{runs_dir}_lr{lr:g}"
+      for lr_dir, base_arg, lr, label in variants:
         run_args = types.SimpleNamespace(
           runs_dir=f"{lr_dir}/{heads_dir}",
           config_arg=f"{base_arg},{config_arg},lr={lr:g}",
@@ -142,13 +153,11 @@ def main(argv=None):
         )
         workdir = os.path.join(run_args.runs_dir, mqar_sweep.run_name(name, L, P, args.d_model))
         if args.only_finished and not os.path.exists(os.path.join(workdir, "summary.json")):
-          print(f"[skip] {name} (L={L}, P={P}, lr={lr:g}): no finished run in {workdir}")
+          print(f"[skip] {name} (L={L}, P={P}, {label or 'default'}): no finished run in {workdir}")
           continue
         (row,) = mqar_sweep.collect([name], [(L, P)], [args.d_model], run_args)
         row["lr"] = lr
-        row["mechanism"] = f"{name} ({heads_dir})" + (f", lr {lr:g}" if len(lrs) > 1 else "")
-        if args.steps:
-          row["mechanism"] += f", {args.steps} steps"
+        row["mechanism"] = f"{name} ({heads_dir}" + (f"; {label})" if label else ")")
         if best is None or row["accuracy"] > best["accuracy"]:
           best = row
       if best is not None:
