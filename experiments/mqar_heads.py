@@ -121,6 +121,9 @@ def main(argv=None):
   base_lr = setting_lr(setting_arg)
   lrs = [float(x) for x in args.lrs.split(",") if x] or [base_lr]
   budgets = [int(x) for x in args.steps.split(",") if x] or [0]
+  default_steps = int(
+    setting_value(setting_arg, "num_train") // setting_value(setting_arg, "batch_size", 512)
+  )
   variants = []  # (runs directory, get_config arguments without lr, lr, label)
   for steps in budgets:
     base_arg = ",".join(kv for kv in setting_arg.split(",") if not kv.startswith("lr="))
@@ -133,7 +136,7 @@ def main(argv=None):
     for lr in lrs:
       label = ", ".join(
         ([f"lr {lr:g}"] if len(lrs) > 1 else [])
-        + ([f"{steps or 'default'} step budget"] if len(budgets) > 1 or steps else [])
+        + ([f"{steps or default_steps}-step budget"] if len(budgets) > 1 or steps else [])
       )
       lr_dir = runs_dir if lr == base_lr else f"{runs_dir}_lr{lr:g}"
       variants.append((lr_dir, base_arg, lr, label))
