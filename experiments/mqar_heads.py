@@ -18,6 +18,17 @@ batch 64, 192,000 fresh examples (3,000 steps), lr 1e-2, evaluation every 100 st
 1,000 examples: about 8x cheaper per step, so every mechanism of the head-structure and
 score-function issues fits a CPU session (``mha`` is its baseline row).
 
+Sweeps (Zoology's protocol: each row reports its best run): ``--lrs=1e-2,3e-3`` and
+``--steps=0,10000`` (0 = the setting's budget) run every (budget, rate) pair, each in its own
+runs directory, and the table keeps the best with its budget and rate in the row's name. A
+run stops early at 0.99, so a longer budget costs nothing once the task is solved; it
+matters because warm-up and cosine decay follow the budget (at (128,8) gqa, moa and moh stay
+near 0.35 within 3,000 steps and solve by step 1,100–2,800 of a 10,000-step schedule). The
+small setting's table (without ``--only_finished`` it also trains what is missing):
+
+  python experiments/mqar_heads.py --setting=small --cells=64x4,128x8 --lrs=1e-2,3e-3 \
+      --steps=0,10000 --only_finished --out=experiments/results/mqar_heads_small
+
 Writes ``experiments/results/mqar_heads.{md,json,png}`` (``--out`` to change).
 """
 
