@@ -109,23 +109,28 @@ def _layer_oracle(layer, x, mask):
   return jnp.einsum("BTNH,NHD->BTD", out, layer.wo[...])
 
 
-def test_layer_groups_from_positions_and_from_ids(rng):
-  """Modality-mutual layout from the options (image 0..3, prompt 4..6, answer 7..9) equals
-  the mask built by hand; passing the same ids per token gives the same output; the default
-  options (one group, all-true table) are plain causal attention."""
+def _group_layer(options=None, seed=0, positions="none"):
+  """A 2-head ``group_mask`` stack layer of width 16."""
   from flax import nnx
 
   from attn_jax.nn import Attention
 
-  opts = {"group_starts": "0,4,7", "group_table": "110/010/111", "group_rule": "or"}
-  layer = Attention(
+  return Attention(
     d_model=16,
     num_heads=2,
     kind="group_mask",
-    positions="none",
-    options=opts,
-    rngs=nnx.Rngs(1),
+    positions=positions,
+    options=options,
+    rngs=nnx.Rngs(seed),
   )
+
+
+def test_layer_groups_from_positions_and_from_ids(rng):
+  """Modality-mutual layout from the options (image 0..3, prompt 4..6, answer 7..9) equals
+  the mask built by hand; passing the same ids per token gives the same output; the default
+  options (one group, all-true table) are plain causal attention."""
+  opts = {"group_starts": "0,4,7", "group_table": "110/010/111", "group_rule": "or"}
+  layer = _group_layer(opts, 1)
   x = normal(rng, (2, 10, 16), jnp.float32)
   ids = jnp.broadcast_to(jnp.array([0] * 4 + [1] * 3 + [2] * 3), (2, 10))
   table = jnp.array([[1, 1, 0], [0, 1, 0], [1, 1, 1]], bool)
@@ -134,26 +139,15 @@ def test_layer_groups_from_positions_and_from_ids(rng):
   close(layer(x, group_ids_BT=ids), want, 1e-5)
   causal = _layer_oracle(layer, x, CausalMask())
   assert not np.allclose(np.asarray(want[:, :4]), np.asarray(causal[:, :4]), atol=1e-4)
-  plain = Attention(d_model=16, num_heads=2, kind="group_mask", positions="none", rngs=nnx.Rngs(1))
+  plain = _group_layer(seed=1)
   close(plain(x), causal, 1e-5)
 
 
 def test_layer_isolation_rule_and_packing(rng):
   """'and': two condition branches isolated from each other, both seeing the shared prefix;
   packed documents stay apart and each branch gets its groups from its own positions."""
-  from flax import nnx
-
-  from attn_jax.nn import Attention
-
   opts = {"group_starts": "0,3,6", "group_table": "100/110/101", "group_rule": "and"}
-  layer = Attention(
-    d_model=16,
-    num_heads=2,
-    kind="group_mask",
-    positions="none",
-    options=opts,
-    rngs=nnx.Rngs(2),
-  )
+  layer = _group_layer(opts, 2)
   x = normal(rng, (1, 9, 16), jnp.float32)
   ids = jnp.array([[0, 0, 0, 1, 1, 1, 2, 2, 2]])
   table = jnp.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)
@@ -185,11 +179,7 @@ def test_layer_isolation_rule_and_packing(rng):
   ],
 )
 def test_layer_bad_options(rng, opts, call, message):
-  from flax import nnx
-
-  from attn_jax.nn import Attention
-
-  layer = Attention(d_model=16, num_heads=2, kind="group_mask", options=opts, rngs=nnx.Rngs(0))
+  layer = _group_layer(opts, positions="rope")
   with pytest.raises(ValueError, match=message):
     layer(normal(rng, (2, 8, 16), jnp.float32), **call)
 
