@@ -26,11 +26,11 @@ Two forms, equal in exact arithmetic:
   The far keys are one causal flash call (``dot_product_attention`` with the chosen
   implementation: the blocked xla path or a Pallas kernel) on ``q[L−1:]`` against
   ``k[:T−L+1]`` whose lse is shifted by c_i; the *near* band (distances 0 .. L − 2, W = L − 1
-  keys per query) is computed directly from windowed keys with R = q Eᵀ ``[B, T, N, W]``;
-  the two are merged by their log-sum-exps. The band runs in blocks of C = 128 query rows,
-  one at a time and recomputed in the backward, so beyond q/k/v and the outputs it holds
-  O(C·W·(K·H + N)) instead of the O(N·T²) of a dense bias; the far part is a causal flash
-  call. Packed documents
+  keys per query) runs in blocks of C = 128 query rows, each against its window of C + W − 1
+  keys with q Eᵀ ``[C, W]`` skewed into the window (the same trick, per block), one block
+  at a time and recomputed in the backward, so beyond q/k/v and the outputs it holds
+  O(N·C·(C + W)) instead of the O(N·T²) of a dense bias; the two parts are merged by their
+  log-sum-exps; the far part is a causal flash call. Packed documents
   (``SegmentMask``) are supported in both parts; other extra masks need the reference.
 """
 
@@ -110,12 +110,16 @@ NEAR_BLOCK = 128  # query rows per step of the near band
 def _near_band(q_BTNH, k_BTKH, v_BTKV, rel_NWH, seg, scale, f32):
   """(out [B, T, N, Hv], lse [B, T, N]) of each query over its keys at distances 0 .. W − 1,
   logits q_i·(k_(i−w) + e_w)·scale. Query blocks of C rows run one at a time (``lax.map``
-  over a rematerialised body), each gathering its C×W band of keys and values, so the live
-  memory is O(C·W·K·H) and the backward stores no per-block residuals."""
+  over a rematerialised body). A block attends to its window of S = C + W − 1 keys with
+  two matmuls (q·kᵀ and p·v over the window); its relative term q·Eᵀ ``[C, W]`` is skewed
+  into window coordinates (the paper's trick, per block), so no key is gathered per (query,
+  distance) pair. Live memory is O(N·C·S) logits per block; the backward stores no
+  per-block residuals."""
   B, T, N, H = q_BTNH.shape
   K, Hv, W = k_BTKH.shape[2], v_BTKV.shape[-1], rel_NWH.shape[1]
   G = N // K
   C = min(NEAR_BLOCK, T)
+  S = C + W - 1  # window of a block: key positions a − (W − 1) .. a + C − 1
   nb = -(-T // C)
   Tp = nb * C
   pad_q = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
@@ -124,37 +128,40 @@ def _near_band(q_BTNH, k_BTKH, v_BTKV, rel_NWH, seg, scale, f32):
   if seg is not None:
     q_ids = jnp.pad(seg[0], ((0, 0), (0, Tp - T)))
     kv_ids = jnp.pad(seg[1], ((0, 0), (W - 1, Tp - T)))
-  # Band coordinate (u, w) of a block: query row u, key window index u + W − 1 − w.
-  win_CW = jnp.arange(C)[:, None] + (W - 1) - jnp.arange(W)[None, :]
+  # Row u, window column s: distance u + W − 1 − s, in the band when 0 <= s − u < W.
+  shift_CS = jnp.arange(S)[None, :] - jnp.arange(C)[:, None]
+  band_CS = (shift_CS >= 0) & (shift_CS < W)
 
   def block(bi):
     a = bi * C
     q = jax.lax.dynamic_slice_in_dim(q_p, a, C, axis=1)
-    k_win = jax.lax.dynamic_slice_in_dim(k_p, a, C + W - 1, axis=1)
-    v_win = jax.lax.dynamic_slice_in_dim(v_p, a, C + W - 1, axis=1)
-    k_band, v_band = k_win[:, win_CW], v_win[:, win_CW]  # [B, C, W, K, H|Hv]
-    s = jnp.einsum(
-      "BCKGH,BCWKH->BCKGW", q.reshape(B, C, K, G, H), k_band, preferred_element_type=f32
-    )
-    r = jnp.einsum("BCNH,NWH->BCNW", q, rel_NWH, preferred_element_type=f32)
-    s = (s + r.reshape(B, C, K, G, W)) * scale
-    key_pos = a + jnp.arange(C)[:, None] - jnp.arange(W)[None, :]  # [C, W]
-    ok = jnp.broadcast_to(key_pos >= 0, (B, C, W))
+    k_win = jax.lax.dynamic_slice_in_dim(k_p, a, S, axis=1)
+    v_win = jax.lax.dynamic_slice_in_dim(v_p, a, S, axis=1)
+    s = jnp.einsum("BCKGH,BSKH->BKGCS", q.reshape(B, C, K, G, H), k_win, preferred_element_type=f32)
+    # Skew: with r reversed along W (column j = W − 1 − distance) and padded to P = W + C
+    # columns, the flat index u·P + j equals u·(P − 1) + (u + j), so reading the flat rows
+    # with width P − 1 = S puts r[u, distance] at window column s = u + W − 1 − distance.
+    r = jnp.einsum("BCNH,NWH->BNCW", q, rel_NWH, preferred_element_type=f32)[..., ::-1]
+    r = jnp.pad(r, ((0, 0), (0, 0), (0, 0), (0, C))).reshape(B, N, C * (W + C))
+    r = r[:, :, : C * S].reshape(B, K, G, C, S)
+    s = (s + r) * scale
+    ok = band_CS & (a - (W - 1) + jnp.arange(S) >= 0)[None, :]
+    ok = jnp.broadcast_to(ok, (B, C, S))
     if seg is not None:
       qi = jax.lax.dynamic_slice_in_dim(q_ids, a, C, axis=1)
-      ki = jax.lax.dynamic_slice_in_dim(kv_ids, a, C + W - 1, axis=1)[:, win_CW]
-      ok = ok & (qi[:, :, None] == ki)
+      ki = jax.lax.dynamic_slice_in_dim(kv_ids, a, S, axis=1)
+      ok = ok & (qi[:, :, None] == ki[:, None, :])
       if seg[2] is not None:
         ok = ok & (qi[:, :, None] != seg[2])
-    s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+    s = jnp.where(ok[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(s - m)
     denom = e.sum(-1)
     p = e / jnp.maximum(denom, 1e-30)[..., None]
-    o = jnp.einsum("BCKGW,BCWKV->BCKGV", p, v_band.astype(f32))
+    o = jnp.einsum("BKGCS,BSKV->BCKGV", p, v_win.astype(f32))
     lse = jnp.where(denom > 0, jnp.log(jnp.maximum(denom, 1e-30)) + m[..., 0], -jnp.inf)
-    return o.reshape(B, C, N, Hv), lse.reshape(B, C, N)
+    return o.reshape(B, C, N, Hv), lse.transpose(0, 3, 1, 2).reshape(B, C, N)
 
   o, lse = jax.lax.map(jax.checkpoint(block), jnp.arange(nb))  # [nb, B, C, ...]
   o = o.transpose(1, 0, 2, 3, 4).reshape(B, Tp, N, Hv)[:, :T]
