@@ -140,14 +140,22 @@ def test_recall_state_sizes_and_table(tmp_path):
 
 
 def test_mqar_heads_rows_are_causal_stack_mechanisms():
-  """Every row names a registered mechanism the causal decoder can run, with a head count
-  that its config argument sets; both settings name their own runs directory."""
+  """Every row of every family names a registered mechanism the causal decoder can run, with
+  options its module declares and a head count that its config argument sets; each (family,
+  setting) has its own runs directory."""
   from attn_jax.attention import registry
+  from attn_jax.nn import transformer
 
-  for name, (heads_dir, config_arg, _) in mqar_heads.ROWS.items():
-    mech = registry.get(mqar_heads.mqar_sweep.parse_mechanism(name)[0])
-    assert mech.causal and "self_causal" in mech.patterns and mech.module, name
-    assert config_arg == f"num_heads={heads_dir[1:].split('k')[0]}", name
-  assert len({runs for runs, _, _ in mqar_heads.SETTINGS.values()}) == len(mqar_heads.SETTINGS)
+  for family, rows in mqar_heads.FAMILIES.items():
+    for name, (heads_dir, config_arg, _) in rows.items():
+      kind, options = mqar_heads.mqar_sweep.parse_mechanism(name)
+      mech = registry.get(kind)
+      assert mech.causal and "self_causal" in mech.patterns and mech.module, (family, name)
+      transformer.check_known_options(options, [kind])
+      assert config_arg == f"num_heads={heads_dir[1:].split('k')[0]}", name
+  roots = {mqar_heads.runs_root(f, s) for f in mqar_heads.FAMILIES for s in mqar_heads.SETTINGS}
+  assert len(roots) == len(mqar_heads.FAMILIES) * len(mqar_heads.SETTINGS)
   with pytest.raises(SystemExit, match="unknown row"):
     mqar_heads.main(["--rows=no_such_row", "--only_finished"])
+  with pytest.raises(SystemExit, match="unknown row"):
+    mqar_heads.main(["--family=sparse", "--rows=mha", "--only_finished"])
