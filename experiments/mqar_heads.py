@@ -41,6 +41,7 @@ Writes ``experiments/results/<runs dir name>.{md,json,png}``, e.g. ``mqar_heads_
 """
 
 import argparse
+import json
 import os
 import sys
 import types
@@ -137,6 +138,16 @@ def setting_lr(config_arg: str) -> float:
   return setting_value(config_arg, "lr")
 
 
+def finished(workdir: str) -> bool:
+  """Whether ``workdir`` holds a run that ended (completed or early-stopped); an interrupted
+  run's summary says "preempted", and collecting it would resume its training."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("status") in ("completed", "early_stopped")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--family", choices=sorted(FAMILIES), default="heads")
@@ -206,7 +217,7 @@ def main(argv=None):
           rerun=False,
         )
         workdir = os.path.join(run_args.runs_dir, mqar_sweep.run_name(name, L, P, args.d_model))
-        if args.only_finished and not os.path.exists(os.path.join(workdir, "summary.json")):
+        if args.only_finished and not finished(workdir):
           print(f"[skip] {name} (L={L}, P={P}, {label or 'default'}): no finished run in {workdir}")
           continue
         (row,) = mqar_sweep.collect([name], [(L, P)], [args.d_model], run_args)

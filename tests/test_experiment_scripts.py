@@ -159,3 +159,13 @@ def test_mqar_heads_rows_are_causal_stack_mechanisms():
     mqar_heads.main(["--rows=no_such_row", "--only_finished"])
   with pytest.raises(SystemExit, match="unknown row"):
     mqar_heads.main(["--family=sparse", "--rows=mha", "--only_finished"])
+
+
+def test_mqar_heads_only_finished_skips_interrupted_runs(tmp_path):
+  """--only_finished must not pick up a preempted run (collecting it would resume training)."""
+  for status, want in (("preempted", False), ("completed", True), ("early_stopped", True)):
+    run = tmp_path / status
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": status}))
+    assert mqar_heads.finished(str(run)) is want
+  assert not mqar_heads.finished(str(tmp_path / "missing"))
