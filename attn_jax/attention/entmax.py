@@ -10,8 +10,10 @@ H head dim, Hv value head dim, L the normalised axis.
     p_i = [(α − 1) z_i − τ]_+^(1/(α−1)),   τ such that Σ_i p_i = 1
 
 α → 1 is softmax, α = 2 is sparsemax; for α > 1 rows get exact zeros. ``entmax`` finds τ by
-bisection (50 halvings of the bracket [max − 1, max − L^(1−α)] of (α − 1) z, then a final
-renormalisation) and has a custom VJP: with s_i = p_i^(2−α) on the support (0 off it),
+bisection (halvings of the bracket [max − 1, max − L^(1−α)] of (α − 1) z, as many as the
+score dtype has mantissa bits plus 2 — 25 in float32, 54 in float64 — after which the
+midpoint no longer moves at the dtype's resolution, then a final renormalisation) and has a
+custom VJP: with s_i = p_i^(2−α) on the support (0 off it),
 
     ∂L/∂z = s ⊙ g − s (sᵀg) / Σ s
     ∂L/∂α = Σ_i g_i [−p_i log p_i + s_i (z_i − τ')] / (α − 1),  τ' = (Σ s z − Σ p log p) / Σ s
@@ -39,7 +41,11 @@ from attn_jax.attention import heads as heads_lib
 from attn_jax.attention import masks as masks_lib
 
 PAPER = "Adaptively Sparse Transformers"
-BISECTION_STEPS = 50
+
+
+def bisection_steps(dtype) -> int:
+  """Halvings of a bracket of width <= 1 that reach ``dtype``'s resolution (mantissa + 2)."""
+  return int(jnp.finfo(dtype).nmant) + 2
 
 
 def _masked_max(z, valid):
@@ -64,7 +70,7 @@ def _entmax_forward(z, alpha, valid):
     big = jnp.sum(p_of(mid), -1, keepdims=True) >= 1
     return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
 
-  lo, hi = jax.lax.fori_loop(0, BISECTION_STEPS, step, (lo, hi))
+  lo, hi = jax.lax.fori_loop(0, bisection_steps(x.dtype), step, (lo, hi))
   tau = (lo + hi) / 2
   p = p_of(tau)
   p = p / jnp.maximum(jnp.sum(p, -1, keepdims=True), jnp.finfo(z.dtype).tiny)
