@@ -41,7 +41,6 @@ Writes ``experiments/results/<runs dir name>.{md,json,png}``, e.g. ``mqar_heads_
 """
 
 import argparse
-import json
 import os
 import sys
 import types
@@ -164,16 +163,6 @@ def plot_bars(results, out: str) -> None:
   fig.savefig(out + ".png", dpi=110)
 
 
-def finished(workdir: str) -> bool:
-  """Whether ``workdir`` holds a run that ended (completed or early-stopped); an interrupted
-  run's summary says "preempted", and collecting it would resume its training."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get("status") in ("completed", "early_stopped")
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--family", choices=sorted(FAMILIES), default="heads")
@@ -243,7 +232,7 @@ def main(argv=None):
           rerun=False,
         )
         workdir = os.path.join(run_args.runs_dir, mqar_sweep.run_name(name, L, P, args.d_model))
-        if args.only_finished and not finished(workdir):
+        if args.only_finished and mqar_sweep.finished_summary(workdir) is None:
           print(f"[skip] {name} (L={L}, P={P}, {label or 'default'}): no finished run in {workdir}")
           continue
         (row,) = mqar_sweep.collect([name], [(L, P)], [args.d_model], run_args)
@@ -255,22 +244,19 @@ def main(argv=None):
         results.append(best)
   if not results:
     raise SystemExit("no finished runs to tabulate")
-  table = mqar_sweep.write_table(results, out)
-  plot_bars(results, out)
   # The table file names the setting and the command that rebuilds it (--only_finished).
   argv = sys.argv[1:] if argv is None else list(argv)
   command = " ".join(["python experiments/mqar_heads.py", *argv])
   if "--only_finished" not in argv:
     command += " --only_finished"
-  with open(out + ".md") as f:
-    body = f.read()
-  with open(out + ".md", "w") as f:
-    f.write(
-      f"# MQAR, {args.family} family, {args.setting} setting\n\n"
-      f"d_model = {args.d_model}; each row's best (budget, rate) variant, with its steps to "
-      f"0.99 (early stop) or to the end of its budget; runs in `{setting_dir}*/`. Table:\n\n"
-      f"    {command}\n\n{body}"
-    )
+  header = (
+    f"# MQAR, {args.family} family, {args.setting} setting\n\n"
+    f"d_model = {args.d_model}; each row's best (budget, rate) variant, with its steps to "
+    f"0.99 (early stop) or to the end of its budget; runs in `{setting_dir}*/`. Table:\n\n"
+    f"    {command}\n\n"
+  )
+  table = mqar_sweep.write_table(results, out, header)
+  plot_bars(results, out)
   print("\n" + table)
 
 

@@ -70,16 +70,25 @@ def run_name(spec, L, P, d):
   return f"{name}{suffix}_L{L}_P{P}_d{d}"
 
 
+def finished_summary(workdir: str) -> dict | None:
+  """The summary of a run in ``workdir`` that ended (completed or early-stopped), else None;
+  an interrupted run's summary says "preempted" and relaunching it resumes its training."""
+  summary_path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(summary_path):
+    return None
+  with open(summary_path) as f:
+    summary = json.load(f)
+  return summary if summary.get("status") in ("completed", "early_stopped") else None
+
+
 def launch(spec, L, P, d, args) -> dict:
   name, options = parse_mechanism(spec)
   workdir = os.path.join(args.runs_dir, run_name(spec, L, P, d))
   summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path) and not args.rerun:
-    with open(summary_path) as f:
-      summary = json.load(f)
-    if summary.get("status") in ("completed", "early_stopped"):
-      print(f"[reuse] {workdir}: accuracy {summary.get('eval_accuracy'):.4f}", flush=True)
-      return summary
+  summary = None if args.rerun else finished_summary(workdir)
+  if summary is not None:
+    print(f"[reuse] {workdir}: accuracy {summary.get('eval_accuracy'):.4f}", flush=True)
+    return summary
   config_arg = f"attn={name},seq_len={L},num_pairs={P},d_model={d}"
   if args.config_arg:
     config_arg += "," + args.config_arg
@@ -138,7 +147,8 @@ def collect(specs, cells, d_models, args):
   return results
 
 
-def write_table(results, out):
+def write_table(results, out, header: str = ""):
+  """Writes ``out``.md (``header`` then the table) and ``out``.json; returns the table."""
   lines = [
     "| mechanism | L | P | d_model | params | test accuracy | steps | wall time (s) | tokens/s |",
     "|---|---|---|---|---|---|---|---|---|",
@@ -151,7 +161,7 @@ def write_table(results, out):
     )
   table = "\n".join(lines) + "\n"
   with open(out + ".md", "w") as f:
-    f.write(table)
+    f.write(header + table)
   with open(out + ".json", "w") as f:
     json.dump(results, f, indent=1)
   return table

@@ -167,5 +167,5 @@ def test_mqar_heads_only_finished_skips_interrupted_runs(tmp_path):
     run = tmp_path / status
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"status": status}))
-    assert mqar_heads.finished(str(run)) is want
-  assert not mqar_heads.finished(str(tmp_path / "missing"))
+    assert (mqar_heads.mqar_sweep.finished_summary(str(run)) is not None) is want
+  assert mqar_heads.mqar_sweep.finished_summary(str(tmp_path / "missing")) is None
