@@ -418,3 +418,22 @@ def test_nnx_layers_in_a_transformer_forward_and_grad(rng):
   assert np.isfinite(float(loss))
   leaves = jax.tree.leaves(grads)
   assert all(np.all(np.isfinite(g)) for g in leaves) and any(np.any(g != 0) for g in leaves)
+
+
+def test_dcmha_unrolled_compose_equals_einsum_compose(rng, monkeypatch):
+  """Compose for N <= _UNROLL_HEADS (per-head sums) and beyond it (einsums): same values and
+  gradients (eager, so neither path is served from the other's trace cache)."""
+  kp, kx = jax.random.split(rng)
+  terms = [f"{s}_{t}" for s in ("pre", "post") for t in ch._DCMHA_TERMS]
+  params = perturb(init("dcmha", kp, num_kv_heads=2), kp, terms, std=0.2)
+  x = normal(kx, (2, 7, D), jnp.float64)
+
+  def run(unroll):
+    monkeypatch.setattr(ch, "_UNROLL_HEADS", unroll)
+    loss = lambda p, x: jnp.sum(jnp.sin(ch.dcmha(p, x, causal=True, query_chunk=3)))
+    return jax.value_and_grad(loss, (0, 1))(params, x)
+
+  (unrolled, g_unrolled), (einsum, g_einsum) = run(N), run(0)
+  close(unrolled, einsum, 1e-12)
+  for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_einsum)):
+    close(a, b, 1e-12)
