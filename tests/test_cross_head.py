@@ -435,5 +435,5 @@ def test_dcmha_unrolled_compose_equals_einsum_compose(rng, monkeypatch):
 
   (unrolled, g_unrolled), (einsum, g_einsum) = run(N), run(0)
   close(unrolled, einsum, 1e-12)
-  for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_einsum)):
+  for a, b in zip(jax.tree.leaves(g_unrolled), jax.tree.leaves(g_einsum), strict=True):
     close(a, b, 1e-12)
