@@ -430,7 +430,10 @@ def test_dcmha_unrolled_compose_equals_einsum_compose(rng, monkeypatch):
 
   def run(unroll):
     monkeypatch.setattr(ch, "_UNROLL_HEADS", unroll)
-    loss = lambda p, x: jnp.sum(jnp.sin(ch.dcmha(p, x, causal=True, query_chunk=3)))
+
+    def loss(p, x):
+      return jnp.sum(jnp.sin(ch.dcmha(p, x, causal=True, query_chunk=3)))
+
     return jax.value_and_grad(loss, (0, 1))(params, x)
 
   (unrolled, g_unrolled), (einsum, g_einsum) = run(N), run(0)
