@@ -9,18 +9,31 @@ timed calls after a warm-up (compilation excluded).
 
 The ideal speedup is the ratio of computed tiles: (tiles of the causal map) / (tiles of the
 sparse map), the work the blocked path does (``block_lists`` at the benchmark's block
-size; the sparse patterns run with tiles of that block, dense causal with its default,
-fastest tiles). The realised speedup is t_dense / t_sparse; the script reports realised / ideal (the
-issue's target on the pure-JAX path: >= 0.7). MoBA selects per query, so a tile is computed
+size; the sparse patterns run with tiles of that block, dense causal with the faster of
+its default tiles and that block's). The realised speedup is t_dense / t_sparse; the
+script reports realised / ideal (the issue's target on the pure-JAX path: >= 0.7). MoBA selects per query, so a tile is computed
 when ANY of its queries selected the block: its tile count is measured from the selection
 itself, and MoBA also pays for its gate.
 
   .venv/bin/python experiments/bench_sparse.py                          # T 1k-8k, this CPU
+  .venv/bin/python experiments/bench_sparse.py --cpu_devices=2          # one device per core
   .venv/bin/python experiments/bench_sparse.py --ts=16384,32768 --densities=8,32 --reps=2
   python experiments/bench_sparse.py --implementation=pallas_tpu        # on a TPU VM
   python experiments/bench_sparse.py --implementation=pallas_gpu        # on a GPU
       # (dense, sliding-window and block-sparse rows on the kernels; MoBA's per-query
       # selection stays on the pure-JAX path)
+
+Timing: the dense baseline and each sparse pattern are timed interleaved (dense, sparse,
+dense, sparse, ...), so a slow spell of a shared machine hits both and the ratio stays
+honest; the dense baseline runs with the faster of its default and the benchmark's tiles,
+chosen once per T by an interleaved race.
+
+``--cpu_devices=N`` (CPU only) splits the host into N XLA devices, one per core, and runs
+every path, dense included, with its heads split over them (``sharded_attention`` /
+``shard_map``). On XLA:CPU a single device spreads only large operations over the cores:
+the dense path's 512-token tiles gain from the second core, 128-token tiles of a sparse
+pattern do not (measured here), so on one device the comparison measures XLA's threading
+as much as the skipping; with a device per core each core runs its own heads' tiles.
 
 Writes ``experiments/results/bench_sparse.{json,md,png}``.
 """
@@ -28,17 +41,31 @@ Writes ``experiments/results/bench_sparse.{json,md,png}``.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __name__ == "__main__":  # the device count must be set before jax starts
+  for _arg in sys.argv[1:]:
+    if _arg.startswith("--cpu_devices="):
+      _flag = f"--xla_force_host_platform_device_count={int(_arg.split('=', 1)[1])}"
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-from attn_jax.attention import BlockSparseMask, CausalMask, dot_product_attention, sliding_window
-from attn_jax.attention import moba as moba_lib
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec  # noqa: E402
+
+from attn_jax.attention import (  # noqa: E402
+  BlockSparseMask,
+  CausalMask,
+  dot_product_attention,
+  sliding_window,
+)
+from attn_jax.attention import moba as moba_lib  # noqa: E402
+from attn_jax.attention.sharded import sharded_attention  # noqa: E402
 
 B, N, H = 1, 8, 64
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,21 +91,60 @@ def random_block_sparse(T, block, density, seed):
   return BlockSparseMask(jnp.asarray(idx), block) & CausalMask()
 
 
-def time_fn(fn, args, reps):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def time_interleaved(fns, args, reps):
+  """Median seconds of each fn, timed in turns (a, b, a, b, ...) after one warm-up each."""
+  for fn in fns:
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  times = [[] for _ in fns]
+  for rep in range(reps):
+    order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+    for i in order:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[i](*args))
+      times[i].append(time.perf_counter() - t0)
+  return [statistics.median(t) for t in times]
 
 
-def run_pattern(name, attend, q, k, v, reps):
+def compiled(attend):
+  """(forward, forward+backward) jitted functions of attend(q, k, v)."""
   fwd = jax.jit(attend)
   bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), (0, 1, 2)))
-  return {"fwd_s": time_fn(fwd, (q, k, v), reps), "fwd_bwd_s": time_fn(bwd, (q, k, v), reps)}
+  return fwd, bwd
+
+
+def race(fns_a, fns_b, args, reps):
+  """{"fwd_s", "fwd_bwd_s"} of a and of b, each kind timed interleaved."""
+  out_a, out_b = {}, {}
+  for i, kind in enumerate(("fwd_s", "fwd_bwd_s")):
+    out_a[kind], out_b[kind] = time_interleaved([fns_a[i], fns_b[i]], args, reps)
+  return out_a, out_b
+
+
+def head_split(fn, mesh):
+  """fn(q, k, v) with the heads split over the mesh's devices (identity without a mesh)."""
+  if mesh is None:
+    return fn
+  spec = PartitionSpec(None, None, "heads", None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+
+
+def masked_attention(mask, impl, mesh, tiles_kw):
+  """Attention under a mask, split over the mesh's devices by heads when there is one."""
+  if mesh is None:
+    return lambda q, k, v: dot_product_attention(
+      q, k, v, mask=mask, implementation=impl, **tiles_kw
+    )
+  return lambda q, k, v: sharded_attention(
+    q,
+    k,
+    v,
+    mesh=mesh,
+    batch_axes=None,
+    head_axes="heads",
+    mask=mask,
+    implementation=impl,
+    **tiles_kw,
+  )
 
 
 def main(argv=None):
@@ -89,12 +155,28 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--implementation", default="xla")
   p.add_argument("--patterns", default="sliding_window,block_sparse,moba")
+  p.add_argument(
+    "--cpu_devices",
+    type=int,
+    default=1,
+    help="split the CPU into this many XLA devices and the heads over them (set at start-up)",
+  )
   p.add_argument("--out", default=str(RESULTS / "bench_sparse"))
   args = p.parse_args(argv)
   ts = [int(t) for t in args.ts.split(",")]
   dens = [int(d) for d in args.densities.split(",")]
   patterns = [s for s in args.patterns.split(",") if s]
   impl = args.implementation
+  mesh = None
+  if args.cpu_devices > 1:
+    devices = jax.devices()
+    if len(devices) < args.cpu_devices or N % args.cpu_devices:
+      raise SystemExit(
+        f"--cpu_devices={args.cpu_devices} needs that many devices (found {len(devices)}; "
+        "pass it on the command line, which sets XLA_FLAGS before jax starts) dividing "
+        f"N={N} heads"
+      )
+    mesh = Mesh(np.array(devices[: args.cpu_devices]), ("heads",))
   rows = []
   for T in ts:
     if T % args.block:
@@ -104,24 +186,26 @@ def main(argv=None):
     k = jax.random.normal(kk, (B, T, N, H), jnp.float32)
     v = jax.random.normal(kv, (B, T, N, H), jnp.float32)
     causal_tiles = tiles(CausalMask(), T, args.block)
-    dense = run_pattern(
-      "dense",
-      lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), implementation=impl),
-      q,
-      k,
-      v,
-      args.reps,
-    )
-    print(
-      f"T={T} dense causal: fwd {dense['fwd_s'] * 1e3:.1f} ms, fwd+bwd "
-      f"{dense['fwd_bwd_s'] * 1e3:.1f} ms",
-      flush=True,
-    )
-    nblocks = T // args.block
     # The blocked xla path skips at its tile granularity: sparse patterns run with tiles of
-    # the benchmark's block (the granularity of the ideal count); dense keeps its default
-    # (fastest) tiles. The kernels choose their own tiles (dividing the blocks).
+    # the benchmark's block (the granularity of the ideal count). Dense causal runs with the
+    # faster of its default tiles and the block's (an interleaved race, once per T). The
+    # kernels choose their own tiles (dividing the blocks).
     tiles_kw = {} if impl.startswith("pallas") else {"block_q": args.block, "block_kv": args.block}
+    dense_fns = compiled(masked_attention(CausalMask(), impl, mesh, {}))
+    dense_tiles = "default"
+    if tiles_kw:
+      block_fns = compiled(masked_attention(CausalMask(), impl, mesh, tiles_kw))
+      default_t, block_t = race(dense_fns, block_fns, (q, k, v), args.reps)
+      if block_t["fwd_bwd_s"] < default_t["fwd_bwd_s"]:
+        dense_fns, dense_tiles = block_fns, f"{args.block}"
+      print(
+        f"T={T} dense causal, default tiles: fwd {default_t['fwd_s'] * 1e3:.1f} ms, fwd+bwd "
+        f"{default_t['fwd_bwd_s'] * 1e3:.1f} ms; {args.block}-tiles: fwd "
+        f"{block_t['fwd_s'] * 1e3:.1f} ms, fwd+bwd {block_t['fwd_bwd_s'] * 1e3:.1f} ms "
+        f"-> baseline {dense_tiles}",
+        flush=True,
+      )
+    nblocks = T // args.block
     for d in dens:
       rho = 1.0 / d
       for name in patterns:
@@ -129,16 +213,12 @@ def main(argv=None):
           w = max(1, int(round(T * (1 - math.sqrt(1 - rho)))))  # ~ρ of the causal pairs
           mask = sliding_window(w)
           n_tiles = tiles(mask, T, args.block)
-
-          def attend(q, k, v, mask=mask):
-            return dot_product_attention(q, k, v, mask=mask, implementation=impl, **tiles_kw)
+          attend = masked_attention(mask, impl, mesh, tiles_kw)
         elif name == "block_sparse":
           mask = random_block_sparse(T, args.block, rho, seed=T + d)
           n_tiles = tiles(mask, T, args.block)
-
-          def attend(q, k, v, mask=mask):
-            # On pallas_* this is the block-sparse kernel: the lists drive the kv tiles.
-            return dot_product_attention(q, k, v, mask=mask, implementation=impl, **tiles_kw)
+          # On pallas_* this is the block-sparse kernel: the lists drive the kv tiles.
+          attend = masked_attention(mask, impl, mesh, tiles_kw)
         elif name == "moba":
           top_k = max(1, int(round(rho * nblocks)))
           _, sel = moba_lib.moba(
@@ -148,11 +228,13 @@ def main(argv=None):
           per_tile = sel.reshape(B, N, nblocks, args.block, nblocks).any(3)
           n_tiles = per_tile.sum() / (B * N)
 
-          def attend(q, k, v, top_k=top_k):
+          def moba_attend(q, k, v, top_k=top_k):
             return moba_lib.moba(q, k, v, moba_block=args.block, moba_top_k=top_k)
+
+          attend = head_split(moba_attend, mesh)
         else:
           raise SystemExit(f"unknown pattern {name!r}")
-        r = run_pattern(name, attend, q, k, v, args.reps)
+        dense, r = race(dense_fns, compiled(attend), (q, k, v), args.reps)
         ideal = causal_tiles / n_tiles
         row = {
           "T": T,
@@ -163,6 +245,7 @@ def main(argv=None):
           "ideal_speedup": ideal,
           "fwd_speedup": dense["fwd_s"] / r["fwd_s"],
           "fwd_bwd_speedup": dense["fwd_bwd_s"] / r["fwd_bwd_s"],
+          "dense_tiles": dense_tiles,
           **{f"dense_{k_}": v_ for k_, v_ in dense.items()},
           **r,
         }
@@ -187,13 +270,16 @@ def main(argv=None):
     "block": args.block,
     "implementation": impl,
     "reps": args.reps,
+    "cpu_devices": args.cpu_devices,
   }
   out.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=1))
   lines = [
     "# Sparse vs dense causal attention: realised / ideal speedup\n",
     f"B={B}, N={N}, H={H}, float32, block {args.block}, implementation {impl}, backend "
-    f"{jax.default_backend()}, median of {args.reps}. Ideal = causal tiles / sparse tiles; "
-    "ratio = realised / ideal.\n",
+    f"{jax.default_backend()}"
+    + (f" split into {args.cpu_devices} devices (heads split over them)" if mesh else "")
+    + f", median of {args.reps} calls timed interleaved with the dense baseline. Ideal = "
+    "causal tiles / sparse tiles; ratio = realised / ideal.\n",
     f"Command: `{command}`\n",
     "| T | pattern | target ρ | ideal | fwd speedup | fwd ratio | fwd+bwd speedup "
     "| fwd+bwd ratio |",

@@ -86,6 +86,21 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
   assert all(r["ideal_speedup"] >= 1 and r["fwd_s"] > 0 for r in rows)
   assert rows[0]["causal_tiles"] == 10  # 4 q blocks: 1 + 2 + 3 + 4 causal tiles
   assert (tmp_path / "bs.md").exists()
+  # Heads split over 2 of the test session's host devices, MoBA included.
+  split = bench_sparse.main(
+    [
+      "--ts=256",
+      "--densities=4",
+      "--block=64",
+      "--reps=1",
+      "--patterns=sliding_window,moba",
+      "--cpu_devices=2",
+      f"--out={tmp_path / 'bs2'}",
+    ]
+  )
+  assert [r["tiles"] for r in split] == [r["tiles"] for r in rows[:1]] + [split[1]["tiles"]]
+  assert all(r["fwd_s"] > 0 and r["dense_fwd_bwd_s"] > 0 for r in split)
+  assert "split into 2 devices" in (tmp_path / "bs2.md").read_text()
 
 
 def test_bench_linear_runs_and_finds_the_crossover(tmp_path):
