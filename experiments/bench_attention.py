@@ -5,8 +5,13 @@ timed calls after one warm-up call (compilation is timed separately). Every (imp
 T) runs in a fresh subprocess, so peak RSS is per config and a crash, OOM or timeout loses
 only that config (and the larger T of that implementation).
 
+``xla_per_core`` is the xla path run the way it uses every core of a CPU: its worker starts
+XLA with the host split into one device per core and the heads split over them
+(``sharded_attention``). On a single XLA:CPU device only large operations are spread over
+the cores, so the blocked path's tile loop runs mostly on one.
+
 Launch from the repository root with the project venv:
-  # full run: T = 1024 .. 16384, all four implementations -> experiments/results/
+  # full run: T = 1024 .. 16384, the CPU set of implementations -> experiments/results/
   .venv/bin/python experiments/bench_attention.py
   # quick smoke run (`make run`): T = 512, 1024, 3 reps -> experiments/results/quick/
   .venv/bin/python experiments/bench_attention.py --quick
@@ -37,7 +42,10 @@ B, N, H = 1, 8, 64
 DTYPE = "float32"
 T_FULL = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 T_QUICK = (512, 1024)
-IMPLEMENTATIONS = ("xla", "reference", "jax_nn", "torch_sdpa")  # the default (CPU) set
+# the default (CPU) set; xla_per_core is the xla path with the host split into one XLA
+# device per core and the heads split over them (see per_core_env)
+IMPLEMENTATIONS = ("xla", "xla_per_core", "reference", "jax_nn", "torch_sdpa")
+PER_CORE = ("xla_per_core",)
 KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
 DTYPES = ("float32", "bfloat16")
 MATERIALISING = ("reference", "jax_nn")  # build the [B, N, T, T] logits
@@ -100,6 +108,23 @@ def jax_attention(impl: str):
 
     return attend
   mask = attention.CausalMask()
+  if impl in PER_CORE:
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from attn_jax.attention.sharded import sharded_attention
+
+    devices = jax.devices()
+    mesh = Mesh(
+      np.array(devices[: max(d for d in range(1, len(devices) + 1) if N % d == 0)]), ("h",)
+    )
+
+    def attend(q, k, v):
+      return sharded_attention(
+        q, k, v, mesh=mesh, batch_axes=None, head_axes="h", mask=mask, implementation="xla"
+      )
+
+    return attend
 
   def attend(q, k, v):
     return attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
@@ -125,6 +150,7 @@ def run_jax(impl: str, t: int, reps: int, dtype: str = DTYPE) -> dict:
     "fwd_bwd_samples_ms": fwd_bwd,
     "backend": jax.default_backend(),
     "device": str(jax.devices()[0].device_kind),
+    "devices": len(jax.devices()),
   }
 
 
@@ -201,12 +227,31 @@ def worker(spec: str, reps: int, dtype: str = DTYPE) -> int:
 # --- parent side ---------------------------------------------------------------------------
 
 
+def worker_env(impl: str) -> dict:
+  """A worker's environment: XLA:CPU as one device, or one device per core (PER_CORE).
+
+  On one XLA:CPU device only large operations are spread over the cores (a 512-token tile's
+  matmuls are; a 128-token tile's are not), so the blocked path leaves cores idle; with a
+  device per core and the heads split over the devices each core runs its own heads. Any
+  device count inherited from the caller's XLA_FLAGS is replaced.
+  """
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  if impl in PER_CORE:
+    flags.append(f"--xla_force_host_platform_device_count={os.cpu_count() or 1}")
+  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
 def launch(spec: str, reps: int, timeout: float, dtype: str = DTYPE) -> dict:
   """Runs one worker subprocess; returns its result with status "ok", or a failure status."""
   cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec, "--reps", str(reps)]
   cmd += ["--dtype", dtype]
+  env = worker_env(spec.split(":")[0])
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired:
     return {"status": "timeout"}
   if proc.returncode < 0:  # killed by a signal: on Linux usually the OOM killer's SIGKILL
@@ -325,7 +370,8 @@ def markdown(report: dict) -> str:
   """Timing table with ratio columns, matmul peaks, peak-memory table and longest T."""
   cfg, impls = report["config"], report["config"]["implementations"]
   by = {(r["impl"], r["T"]): r for r in report["results"]}
-  pairs = [("jax_nn", "xla"), ("xla", "torch_sdpa")] + [("jax_nn", k) for k in KERNELS]
+  pairs = [("jax_nn", "xla"), ("xla", "torch_sdpa"), ("jax_nn", "xla_per_core")]
+  pairs += [("xla_per_core", "torch_sdpa")] + [("jax_nn", k) for k in KERNELS]
   ratios = [(a, b) for a, b in pairs if a in impls and b in impls]
   m = report["machine"]
   lines = [

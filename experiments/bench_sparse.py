@@ -11,9 +11,9 @@ The ideal speedup is the ratio of computed tiles: (tiles of the causal map) / (t
 sparse map), the work the blocked path does (``block_lists`` at the benchmark's block
 size; the sparse patterns run with tiles of that block, dense causal with the faster of
 its default tiles and that block's). The realised speedup is t_dense / t_sparse; the
-script reports realised / ideal (the issue's target on the pure-JAX path: >= 0.7). MoBA selects per query, so a tile is computed
-when ANY of its queries selected the block: its tile count is measured from the selection
-itself, and MoBA also pays for its gate.
+script reports realised / ideal (the issue's target on the pure-JAX path: >= 0.7). MoBA
+selects per query, so a tile is computed when ANY of its queries selected the block: its
+tile count is measured from the selection itself, and MoBA also pays for its gate.
 
   .venv/bin/python experiments/bench_sparse.py                          # T 1k-8k, this CPU
   .venv/bin/python experiments/bench_sparse.py --cpu_devices=2          # one device per core

@@ -14,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import bench_attention  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_sparse  # noqa: E402
 import diff_attention_maps  # noqa: E402
@@ -101,6 +102,27 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
   assert [r["tiles"] for r in split] == [r["tiles"] for r in rows[:1]] + [split[1]["tiles"]]
   assert all(r["fwd_s"] > 0 and r["dense_fwd_bwd_s"] > 0 for r in split)
   assert "split into 2 devices" in (tmp_path / "bs2.md").read_text()
+
+
+def test_bench_attention_per_core_worker_splits_the_cpu(tmp_path):
+  """xla_per_core's worker sees one XLA device per core; the ratio columns name it."""
+  assert (
+    bench_attention.main(
+      [
+        "--quick",
+        "--max-t=512",
+        "--reps=1",
+        "--implementations=xla,xla_per_core,jax_nn",
+        f"--outdir={tmp_path}",
+      ]
+    )
+    == 0
+  )
+  report = json.loads((tmp_path / "bench_attention.json").read_text())
+  rows = {r["impl"]: r for r in report["results"]}
+  assert all(r["status"] == "ok" and r["fwd_ms"] > 0 for r in rows.values()), rows
+  assert rows["xla"]["devices"] == 1 and rows["xla_per_core"]["devices"] == (os.cpu_count() or 1)
+  assert "jax_nn / xla_per_core fwd" in (tmp_path / "bench_attention.md").read_text()
 
 
 def test_bench_linear_runs_and_finds_the_crossover(tmp_path):
