@@ -16,6 +16,13 @@ merges its per-cluster results by their log-sum-exps (as one softmax over the un
 their keys, a key present in two of them counted twice); a query routed nowhere gets 0.
 Routing is a selection: no gradient flows through the assignment.
 
+Causality caveat: the causal mask holds inside each cluster, but the balanced top-w
+membership is chosen over the whole sequence, so WHICH earlier keys a query sees depends
+on later tokens (on random inputs, replacing the tokens after position t changed outputs at
+positions <= t by up to 1.5). Training with it is therefore not equivalent to generating
+token by token (the registry marks it decode=False). A strictly causal variant, each token
+routed to its nearest centroid on its own, is not built.
+
 Centroids follow the queries and keys assigned to them. The paper updates them by an
 exponential moving average (``ema_update``: μ ← λ μ + (1 − λ) · mean of the assigned
 normalised queries and keys); the NNX kind instead learns μ by gradient on the same k-means
