@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from conftest import normal
 
-from attn_jax.attention import SegmentMask, attention_reference
+from attn_jax.attention import SegmentMask, attention_reference, registry
 from attn_jax.attention import delta as delta_lib
-from attn_jax.attention import registry
 from attn_jax.attention import titans as tt
 
 
