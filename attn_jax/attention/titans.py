@@ -879,9 +879,11 @@ def _build_lmm(key, dims, causal):
   del causal
   ke, kt, ka, km = jax.random.split(key, 4)
   shape = (dims.B, dims.T, dims.N)
+  # Step sizes in the memory's stable range (see GATE_BIAS): with θ up to 0.5 and η up to 1
+  # the memory diverged to inf by T = 64.
   return {
-    "eta": jax.nn.sigmoid(jax.random.normal(ke, shape)),
-    "theta": 0.5 * jax.nn.sigmoid(jax.random.normal(kt, shape)),
+    "eta": 0.8 * jax.nn.sigmoid(jax.random.normal(ke, shape)),
+    "theta": 0.1 * jax.nn.sigmoid(jax.random.normal(kt, shape)),
     "alpha": 0.2 * jax.nn.sigmoid(jax.random.normal(ka, shape)),
     "memory": init_memory(km, dims.N, dims.H, dims.Hv, num_layers=2, hidden=8),
     "l2_normalize": True,
