@@ -43,7 +43,7 @@ DTYPE = "float32"
 T_FULL = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 T_QUICK = (512, 1024)
 # the default (CPU) set; xla_per_core is the xla path with the host split into one XLA
-# device per core and the heads split over them (see per_core_env)
+# device per core and the heads split over them (see worker_env)
 IMPLEMENTATIONS = ("xla", "xla_per_core", "reference", "jax_nn", "torch_sdpa")
 PER_CORE = ("xla_per_core",)
 KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")

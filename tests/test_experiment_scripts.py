@@ -99,7 +99,7 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
       f"--out={tmp_path / 'bs2'}",
     ]
   )
-  assert [r["tiles"] for r in split] == [r["tiles"] for r in rows[:1]] + [split[1]["tiles"]]
+  assert split[0]["tiles"] == rows[0]["tiles"]  # the same window, split or not
   assert all(r["fwd_s"] > 0 and r["dense_fwd_bwd_s"] > 0 for r in split)
   assert "split into 2 devices" in (tmp_path / "bs2.md").read_text()
 

@@ -144,8 +144,7 @@ SELECTION_SEES_FUTURE = {"flexprefill", "routing_transformer"}
 CAUSAL_SELF_IDS = [
   m.id
   for m in registry.all_mechanisms()
-  if registry.SELF_CAUSAL in m.patterns
-  if m.interface in ("qkv", "layer")
+  if registry.SELF_CAUSAL in m.patterns and m.interface in ("qkv", "layer")
 ]
 
 
