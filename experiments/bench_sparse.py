@@ -30,7 +30,9 @@ chosen once per T by an interleaved race.
 
 ``--cpu_devices=N`` (CPU only) splits the host into N XLA devices, one per core, and runs
 every path, dense included, with its heads split over them (``sharded_attention`` /
-``shard_map``). On XLA:CPU a single device spreads only large operations over the cores:
+``shard_map``) and q, k, v placed split by heads beforehand (as a head-sharded model's
+activations are; splitting them inside the timed call measured 5-20 ms of copies here,
+more than a whole 1/32 sparse pass). On XLA:CPU a single device spreads only large operations over the cores:
 the dense path's 512-token tiles gain from the second core, 128-token tiles of a sparse
 pattern do not (measured here), so on one device the comparison measures XLA's threading
 as much as the skipping; with a device per core each core runs its own heads' tiles.
@@ -56,7 +58,7 @@ if __name__ == "__main__":  # the device count must be set before jax starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from attn_jax.attention import (  # noqa: E402
   BlockSparseMask,
@@ -185,6 +187,8 @@ def main(argv=None):
     q = jax.random.normal(kq, (B, T, N, H), jnp.float32)
     k = jax.random.normal(kk, (B, T, N, H), jnp.float32)
     v = jax.random.normal(kv, (B, T, N, H), jnp.float32)
+    if mesh is not None:  # activations live split by heads, as in a head-sharded model
+      q, k, v = jax.device_put((q, k, v), NamedSharding(mesh, PartitionSpec(None, None, "heads")))
     causal_tiles = tiles(CausalMask(), T, args.block)
     # The blocked xla path skips at its tile granularity: sparse patterns run with tiles of
     # the benchmark's block (the granularity of the ideal count). Dense causal runs with the

@@ -395,6 +395,25 @@ def test_traced_segment_ids_and_block_indices_under_jit(rng):
   assert_close(f(q, k, v, ids, idx), reference64(q, k, v, mask=mask), 2e-5)
 
 
+@pytest.mark.parametrize("tiles", [(16, 16), (8, 16), (16, 32)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_block_sparse_inside_listed_tiles(rng, tiles, batched):
+  """Tiles that divide the mask's blocks skip its block-level test inside listed tiles
+  (``Mask.within_tiles``); (16, 32) tiles do not divide it and evaluate it. Forward and
+  gradients vs the oracle either way."""
+  B, T, S, N, H = 2, 61, 80, 2, 8
+  kqkv, kidx, kcot = jax.random.split(rng, 3)
+  q, k, v = make_qkv(kqkv, B, T, S, N, N, H, H)
+  shape = ((B,) if batched else ()) + (-(-T // 16), 3)
+  idx = jax.random.randint(kidx, shape, -1, -(-S // 16))
+  mask = BlockSparseMask(idx, 16) & CausalMask()
+  cot = normal(kcot, (B, T, N, H), jnp.float64)
+  got = loss_and_grads(blocked(*tiles), q, k, v, cot, mask=mask)
+  want = loss_and_grads(reference64, q, k, v, cot, mask=mask)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(a, b, 2e-5)
+
+
 def test_packed_batch_equals_documents_alone(rng):
   """The `segment` check: packing equals running each document alone."""
   lengths = [7, 20, 13]

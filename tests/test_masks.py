@@ -96,6 +96,33 @@ def test_array_masks_block_maps(rng, bq, bk):
     assert_block_map_sound(mask, T, S, bq, bk, exact=exact)
 
 
+@pytest.mark.parametrize("tiles", [(8, 8), (4, 8), (8, 4), (8, 16), (6, 8)])
+def test_within_tiles_keeps_visibility_on_non_empty_tiles(rng, tiles):
+  """``within_tiles`` may drop only what is constant (and visible) on every listed tile."""
+  bq, bk = tiles
+  k1, k2 = jax.random.split(rng)
+  idx = jax.random.randint(k1, (2, -(-T // 8), 3), -1, -(-S // 8))
+  ids = jnp.sort(jax.random.randint(k2, (2, T), 0, 3), -1).astype(jnp.int32)
+  block_sparse = M.BlockSparseMask(idx, 8)
+  for mask in (
+    block_sparse,
+    block_sparse & M.CausalMask(),
+    M.sliding_window(5) & (block_sparse & M.SegmentMask(ids, ids[:, :1].repeat(S, 1))),
+    block_sparse | M.sliding_window(3),
+  ):
+    reduced = mask.within_tiles(bq, bk)
+    kinds = np.asarray(mask.block_kinds(T, S, bq, bk))
+    listed = np.repeat(np.repeat(kinds != M.EMPTY, bq, -2), bk, -1)[..., :T, :S]
+    full = np.broadcast_to(np.asarray(mask.dense(T, S)), listed.shape)
+    got = np.broadcast_to(np.asarray(reduced.dense(T, S)), listed.shape)
+    np.testing.assert_array_equal(np.where(listed, got, False), np.where(listed, full, False))
+  divides = bq in (4, 8) and bk in (4, 8)
+  assert isinstance(block_sparse.within_tiles(bq, bk), M.FullMask) == divides
+  assert ((block_sparse & M.CausalMask()).within_tiles(bq, bk) == M.CausalMask()) == divides
+  either = block_sparse | M.sliding_window(3)
+  assert either.within_tiles(bq, bk) is either  # an or keeps every part
+
+
 def test_segment_padding_rows_and_columns_see_nothing():
   ids = jnp.array([[0, 1, 1, 0, 2, 2]], jnp.int32)
   dense = np.asarray(M.SegmentMask(ids, ids).dense(6, 6))[0]

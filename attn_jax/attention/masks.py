@@ -75,6 +75,12 @@ class Mask:
   def check_shapes(self, batch: int, q_len: int, kv_len: int) -> None:
     """Raises ValueError when the arrays inside the mask do not fit the call."""
 
+  def within_tiles(self, block_q: int, block_kv: int) -> "Mask":
+    """The mask left to evaluate inside the non-empty tiles of a ``block_q x block_kv``
+    tiling: a part whose visibility is constant on every such tile is all-visible there
+    (the block map already skipped the tiles where it is not). Default: the mask itself."""
+    return self
+
   # -- public -------------------------------------------------------------------------
   def __and__(self, other: "Mask") -> "Mask":
     return AndMask(_as_mask(self, "left"), _as_mask(other, "right"))
@@ -614,6 +620,13 @@ class BlockSparseMask(Mask):
         f"(T={q_len} in q blocks of {self.block_size[0]})"
       )
 
+  def within_tiles(self, block_q, block_kv):
+    # A tile inside one listed block is all-visible: nothing to evaluate there.
+    bq, bk = self.block_size
+    if bq % block_q == 0 and bk % block_kv == 0:
+      return FullMask()
+    return self
+
   def _grid(self, kv_len):
     """Bool [.., nQm, nKm] of listed blocks."""
     n_kv = _num_blocks(kv_len, self.block_size[1])
@@ -875,6 +888,18 @@ class AndMask(_Combined):
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
     (a1, f1), (a2, f2) = self._parts_any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)
     return a1 & a2, f1 & f2
+
+  def within_tiles(self, block_q, block_kv):
+    # A non-empty tile of a & b is non-empty for both: each part reduces on its own.
+    left = self.left.within_tiles(block_q, block_kv)
+    right = self.right.within_tiles(block_q, block_kv)
+    if isinstance(left, FullMask):
+      return right
+    if isinstance(right, FullMask):
+      return left
+    if left is self.left and right is self.right:
+      return self
+    return AndMask(left, right)
 
   def __repr__(self):
     return f"({self.left!r} & {self.right!r})"

@@ -103,7 +103,13 @@ def blocked_attention(
 
   if mask is None:
     mask = masks_lib.FullMask()
-  kinds = mask.block_kinds(T, S, bq, bk)
+  if mask.holds_arrays and not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mask)):
+    # Concrete arrays (e.g. lists closed over by a jitted function): a host block map, so
+    # the lists are constants of the program rather than computed in it.
+    with jax.ensure_compile_time_eval():
+      kinds = np.asarray(mask.block_kinds(T, S, bq, bk))
+  else:
+    kinds = mask.block_kinds(T, S, bq, bk)
   if Sp != S:  # the padded tail of the last kv block must be masked
     if isinstance(kinds, np.ndarray):
       kinds = kinds.copy()
@@ -111,6 +117,9 @@ def blocked_attention(
     else:
       kinds = kinds.at[..., -1].min(masks_lib.PARTIAL)
   lists = tuple(jnp.asarray(a) for a in masks_lib.compact_block_kinds(kinds))
+  # Inside listed tiles only the parts of the mask that vary within a tile are evaluated
+  # (a BlockSparseMask on blocks the tiles divide is all-visible there).
+  mask = mask.within_tiles(bq, bk)
   masked = not isinstance(mask, masks_lib.FullMask)
 
   def pad_to(x, axis, length):
@@ -279,12 +288,18 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
       acc_GqV = correction_Gq[..., None] * acc_GqV + _rows_matmul(p_Gqk, v_kV)
       return m_new_Gq, l_Gq, acc_GqV
 
-    init = (
-      jnp.full((G, bq), -jnp.inf, q_GTH.dtype),
-      jnp.zeros((G, bq), q_GTH.dtype),
-      jnp.zeros((G, bq, Hv), q_GTH.dtype),
-    )
-    m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(0, count_Q[qi], kv_step, init)
+    # The first listed tile starts the running statistics (no rescaling; a one-tile row
+    # runs no loop iteration). A row listing nothing sees its padding entry fully masked.
+    _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, 0, transposed=False)
+    s_Gqk = jnp.where(count_Q[qi] > 0, s_Gqk, -jnp.inf)
+    e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk
+    m0_Gq = e_Gqk.max(-1)
+    p_Gqk = jnp.exp(e_Gqk - jnp.where(m0_Gq == -jnp.inf, 0.0, m0_Gq)[..., None])
+    l0_Gq = p_Gqk.sum(-1)
+    if cfg.signed:
+      p_Gqk = jnp.sign(s_Gqk) * p_Gqk
+    init = (m0_Gq, l0_Gq, _rows_matmul(p_Gqk, v_kV))
+    m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(1, count_Q[qi], kv_step, init)
     if cfg.has_sinks:
       sink_G1 = sinks_G[:, None]
       m_fin_Gq = jnp.maximum(m_Gq, sink_G1)
