@@ -33,9 +33,10 @@ every path, dense included, with its heads split over them (``sharded_attention`
 ``shard_map``) and q, k, v placed split by heads beforehand (as a head-sharded model's
 activations are; splitting them inside the timed call measured 5-20 ms of copies here,
 more than a whole 1/32 sparse pass). On XLA:CPU a single device spreads only large
-operations over the cores: the dense path's 512-token tiles gain from the second core, 128-token tiles of a sparse
-pattern do not (measured here), so on one device the comparison measures XLA's threading
-as much as the skipping; with a device per core each core runs its own heads' tiles.
+operations over the cores: the dense path's 512-token tiles gain from the second core,
+128-token tiles of a sparse pattern do not (measured here), so on one device the
+comparison measures XLA's threading as much as the skipping; with a device per core each
+core runs its own heads' tiles.
 
 Writes ``experiments/results/bench_sparse.{json,md,png}``.
 """
