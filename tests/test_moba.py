@@ -59,14 +59,21 @@ def test_all_blocks_is_causal(rng):
 
 # (37, 6): default tiles; (260, 4): 65 chunks >= 32 x top_k, so the xla path runs at the
 # chunk-granular tiles of longheads.selection_tile (64 tokens, the last one padded).
+# packed: a per-example SegmentMask (heads vmapped); not packed: (example, head) pairs
+# folded into the batch of one call (longheads.attend_selected_chunks).
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("T, block", [(37, 6), (260, 4)])
-def test_blocked_equals_dense_masked_reference_with_gradients(rng, T, block):
+def test_blocked_equals_dense_masked_reference_with_gradients(rng, T, block, packed):
   q, k, v = qkv(rng, T=T, dtype=jnp.float64)
   ids = jnp.asarray([[1] * (T // 2) + [2] * (T - T // 2), [1] * (T - 7) + [0] * 7])
-  seg = SegmentMask(ids, ids)
+  if not packed:
+    ids = jnp.ones_like(ids)
+  seg = SegmentMask(ids, ids) if packed else None
   w = normal(jax.random.fold_in(rng, 3), q.shape, jnp.float64)
   _, sel = moba_lib.moba(q, k, v, moba_block=block, moba_top_k=2, mask=seg, return_selection=True)
-  visible = moba_lib.selection_mask_dense(sel, block, T) & np.asarray(seg.dense(T, T))[:, None]
+  visible = moba_lib.selection_mask_dense(sel, block, T)
+  if packed:
+    visible = visible & np.asarray(seg.dense(T, T))[:, None]
 
   def dense(q, k, v):
     G = q.shape[2] // k.shape[2]

@@ -149,8 +149,9 @@ def attend_selected_chunks(
   q_BTNH, k_BSKH, v_BSKV, selected_BNTC, chunk: int, base_mask, implementation, top_k=None
 ) -> Float[Array, "B T N Hv"]:
   """Attention of each (query, head) over the key chunks it selected (``selected_BNTC``),
-  combined with ``base_mask`` (causality, packing): one ``dot_product_attention`` call per
-  head with a ``ChunkSelectionMask`` (heads vmapped; K/V read per query head), so the
+  combined with ``base_mask`` (causality, packing): one ``dot_product_attention`` call with
+  a ``ChunkSelectionMask`` over (example, head) pairs folded into the batch (heads vmapped
+  instead when ``base_mask`` holds per-example arrays; K/V read per query head), so the
   blocked path skips the tiles no query of a tile selected.
 
   ``top_k`` (chunks per query, when the caller knows it) picks the xla path's tiles: a very
@@ -177,7 +178,18 @@ def attend_selected_chunks(
 
   k_rep = jnp.repeat(k_BSKH, G, axis=2) if G > 1 else k_BSKH
   v_rep = jnp.repeat(v_BSKV, G, axis=2) if G > 1 else v_BSKV
-  return jax.vmap(one_head, in_axes=(2, 2, 2, 1), out_axes=2)(q_BTNH, k_rep, v_rep, selected_BNTC)
+  if base_mask is not None and base_mask.batched:  # its arrays are per example: vmap heads
+    return jax.vmap(one_head, in_axes=(2, 2, 2, 1), out_axes=2)(q_BTNH, k_rep, v_rep, selected_BNTC)
+  # Heads folded into the batch: one call whose tile lists are per (example, head), so the
+  # blocked path's loops see the lists as data rather than as a vmapped trip count.
+  B, T, N, _ = q_BTNH.shape
+
+  def fold(x_BLNX):
+    return x_BLNX.transpose(0, 2, 1, 3).reshape(B * N, x_BLNX.shape[1], x_BLNX.shape[3])
+
+  sel = selected_BNTC.reshape(B * N, *selected_BNTC.shape[2:])
+  out = one_head(fold(q_BTNH), fold(k_rep), fold(v_rep), sel)  # [B·N, T, Hv]
+  return out.reshape(B, N, T, -1).transpose(0, 2, 1, 3)
 
 
 def _build(key, dims, causal):

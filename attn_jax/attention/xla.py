@@ -334,6 +334,7 @@ def _backward_one(
   delta_GT,
   lse_GT,
   dout_GTV,
+  trips_Q,
 ):
   count_Q, index_QM, full_QM = lists
   G, Tp, H = q_GTH.shape
@@ -357,6 +358,8 @@ def _backward_one(
       dqT_HGq, dk_SH, dv_SV, dbias, dfn = inner
       kb = index_QM[qi, j]
       k_kH, v_kV, kv_idx, raw_kGq, s_kGq = _load_tile(cfg, tile, qi, j, transposed=True)
+      if cfg.lists_batched:  # rows of the batch list fewer tiles than the trip count
+        s_kGq = jnp.where(j < count_Q[qi], s_kGq, -jnp.inf)
       if cfg.signed:  # a = exp(|s| - lse), p = sign(s)·a: ds = a·(dp − sign(s)·delta)
         a_kR = jnp.exp(_magnitude(s_kGq) - lse_Gq[None]).reshape(bk, R)
         sign_kR = jnp.sign(s_kGq).reshape(bk, R)
@@ -385,7 +388,9 @@ def _backward_one(
       return dqT_HGq, dk_SH, dv_SV, dbias, dfn
 
     init = (jnp.zeros((H, R), q_GTH.dtype), dk_SH, dv_SV, dbias, dfn)
-    dqT_HR, dk_SH, dv_SV, dbias, dfn = jax.lax.fori_loop(0, count_Q[qi], kv_step, init)
+    # The trip count is shared by the batch (not vmapped): a vmapped loop with per-example
+    # trip counts would select between old and new dk / dv, whole arrays, at every step.
+    dqT_HR, dk_SH, dv_SV, dbias, dfn = jax.lax.fori_loop(0, trips_Q[qi], kv_step, init)
     return (dk_SH, dv_SV, dbias, dfn), dqT_HR.T.reshape(G, bq, H)
 
   dbias0 = None if dense_bias is None else jnp.zeros_like(dense_bias)
@@ -486,9 +491,23 @@ def _flash_bwd(cfg, residuals, cotangents):
   B, K = q.shape[:2]
   bias = _squeeze_bias_axes(cfg, dense_bias)
   sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
-  bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0))
+  trips = lists[0].max(0) if cfg.lists_batched else lists[0]
+  bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0, None))
   dq, dk, dv, dbias, dfn = bwd(
-    q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B), jnp.arange(K), delta, lse, dout
+    q,
+    k,
+    v,
+    bias,
+    bias_fn,
+    sinks,
+    mask,
+    lists,
+    jnp.arange(B),
+    jnp.arange(K),
+    delta,
+    lse,
+    dout,
+    trips,
   )
   # dk/dv: [B, K, Sp, H] already summed over the G query heads of each kv head.
   if dense_bias is not None:  # dbias: [B, K, G', Tp', Sp'] -> the broadcast shape
