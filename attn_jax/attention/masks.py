@@ -393,6 +393,15 @@ def _take_batch(x, b):
   return jax.lax.dynamic_index_in_dim(x, b, axis=0, keepdims=False)
 
 
+def _take_rows(x, b, idx):
+  """``x[b, idx]`` (idx clipped into the last axis of ``x [B, L]``) as one gather, or
+  ``x[:, idx]`` when b is None. Under a vmap over b this gathers only the indexed entries
+  (taking row b first would copy a whole row per example per tile)."""
+  x = jnp.asarray(x)
+  idx = jnp.clip(idx, 0, x.shape[-1] - 1)
+  return x[:, idx] if b is None else x[b, idx]
+
+
 def _lead(x, b):
   """Adds broadcast axes so a per-example scalar/row lines up with [B, tq, tk]."""
   return x if b is not None else x[:, None, None]
@@ -517,10 +526,8 @@ class SegmentMask(Mask):
       )
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
-    q_ids = _take_batch(self.q_segment_ids, b)
-    kv_ids = _take_batch(self.kv_segment_ids, b)
-    qs = jnp.take(q_ids, q_idx, axis=-1, mode="clip")
-    ks = jnp.take(kv_ids, kv_idx, axis=-1, mode="clip")
+    qs = _take_rows(self.q_segment_ids, b, q_idx)
+    ks = _take_rows(self.kv_segment_ids, b, kv_idx)
     ok = qs == ks  # [(B,) tq, tk]
     if self.padding_id is not None:
       ok &= qs != self.padding_id
@@ -702,12 +709,13 @@ class ChunkSelectionMask(Mask):
       )
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
-    sel = _take_batch(jnp.asarray(self.selected), b)  # [(B,) T, nC]
+    sel = jnp.asarray(self.selected)  # [B, T, nC]
     q = jnp.broadcast_to(q_idx, jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)))
-    c = jnp.broadcast_to(kv_idx // self.chunk, q.shape)
-    if b is not None:
-      return sel[jnp.clip(q, 0, sel.shape[0] - 1), jnp.clip(c, 0, sel.shape[1] - 1)]
-    return sel[:, jnp.clip(q, 0, sel.shape[1] - 1), jnp.clip(c, 0, sel.shape[2] - 1)]
+    q = jnp.clip(q, 0, sel.shape[1] - 1)
+    c = jnp.clip(jnp.broadcast_to(kv_idx // self.chunk, q.shape), 0, sel.shape[2] - 1)
+    if b is not None:  # one gather of the tile's entries (not row b, then the tile)
+      return sel[b, q, c]
+    return sel[:, q, c]
 
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
     sel = jnp.asarray(self.selected)
@@ -794,8 +802,8 @@ class GroupMask(Mask):
       )
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
-    qg = jnp.take(_take_batch(jnp.asarray(self.q_groups), b), q_idx, axis=-1, mode="clip")
-    kg = jnp.take(_take_batch(jnp.asarray(self.kv_groups), b), kv_idx, axis=-1, mode="clip")
+    qg = _take_rows(self.q_groups, b, q_idx)
+    kg = _take_rows(self.kv_groups, b, kv_idx)
     return jnp.asarray(self.table)[qg, kg]  # [(B,) tq, tk]
 
   def _presence(self, ids, lo, hi):

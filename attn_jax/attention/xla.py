@@ -262,7 +262,7 @@ def _load_tile(cfg, tile, qi, j, transposed):
   return k_kH, v_kV, kv_idx, raw, s
 
 
-def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lists, b, kh):
+def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lists, b, kh, trips_Q):
   count_Q, index_QM, full_QM = lists
   G = q_GTH.shape[0]
   Hv = v_SV.shape[-1]
@@ -277,6 +277,8 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
     def kv_step(j, carry):
       m_Gq, l_Gq, acc_GqV = carry
       _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, j, transposed=False)
+      if cfg.lists_batched:  # rows of the batch list fewer tiles than the trip count
+        s_Gqk = jnp.where(j < count_Q[qi], s_Gqk, -jnp.inf)
       e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk  # what the exponentials see
       m_new_Gq = jnp.maximum(m_Gq, e_Gqk.max(-1))
       m_safe_Gq = jnp.where(m_new_Gq == -jnp.inf, 0.0, m_new_Gq)
@@ -299,7 +301,7 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
     if cfg.signed:
       p_Gqk = jnp.sign(s_Gqk) * p_Gqk
     init = (m0_Gq, l0_Gq, _rows_matmul(p_Gqk, v_kV))
-    m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(1, count_Q[qi], kv_step, init)
+    m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(1, trips_Q[qi], kv_step, init)
     if cfg.has_sinks:
       sink_G1 = sinks_G[:, None]
       m_fin_Gq = jnp.maximum(m_Gq, sink_G1)
@@ -388,8 +390,6 @@ def _backward_one(
       return dqT_HGq, dk_SH, dv_SV, dbias, dfn
 
     init = (jnp.zeros((H, R), q_GTH.dtype), dk_SH, dv_SV, dbias, dfn)
-    # The trip count is shared by the batch (not vmapped): a vmapped loop with per-example
-    # trip counts would select between old and new dk / dv, whole arrays, at every step.
     dqT_HR, dk_SH, dv_SV, dbias, dfn = jax.lax.fori_loop(0, trips_Q[qi], kv_step, init)
     return (dk_SH, dv_SV, dbias, dfn), dqT_HR.T.reshape(G, bq, H)
 
@@ -467,8 +467,18 @@ def _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists):
   B, K = q.shape[:2]
   bias = _squeeze_bias_axes(cfg, dense_bias)
   sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
-  fwd = _vmapped(_forward_one, cfg, dense_bias)
-  return fwd(q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B), jnp.arange(K))
+  fwd = _vmapped(_forward_one, cfg, dense_bias, extra_axes=(None,))
+  trips = _trips(cfg, lists)
+  return fwd(q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B), jnp.arange(K), trips)
+
+
+def _trips(cfg, lists):
+  """Per q block, the kv-tile loop's trip count shared by the batch (the longest list).
+
+  A vmapped loop with per-example trip counts runs to the longest anyway, selecting between
+  old and new carries at every step (in the backward whole dk / dv arrays); with a shared
+  count the tiles past an example's list are masked instead (-inf logits, zero updates)."""
+  return lists[0].max(0) if cfg.lists_batched else lists[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -491,7 +501,7 @@ def _flash_bwd(cfg, residuals, cotangents):
   B, K = q.shape[:2]
   bias = _squeeze_bias_axes(cfg, dense_bias)
   sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
-  trips = lists[0].max(0) if cfg.lists_batched else lists[0]
+  trips = _trips(cfg, lists)
   bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0, None))
   dq, dk, dv, dbias, dfn = bwd(
     q,
