@@ -13,7 +13,12 @@ How it works:
     (fused, cheap) mask compare: branching around it with lax.cond measured slower on the
     XLA CPU backend, which copies the tile into the branch. T and S need not be multiples
     of the block sizes: the padded tail of the last kv block is masked, padded query rows
-    are dropped.
+    are dropped. Inside a listed tile only the parts of the mask that vary within it are
+    evaluated (``Mask.within_tiles``: a BlockSparseMask whose blocks the tiles divide is
+    all-visible there). Masks holding concrete arrays get their block map on the host.
+  * Per-example lists (batched masks): each q block's kv loop runs the batch's longest
+    list, masking the tiles past an example's own (a vmapped loop with per-example trip
+    counts would select between old and new dk/dv, whole arrays, at every step).
   * GQA/MQA without repeating K/V: the tile holds the G query heads of one kv head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
