@@ -7,7 +7,7 @@ only that config (and the larger T of that implementation).
 
 ``xla_per_core`` is the xla path run the way it uses every core of a CPU: its worker starts
 XLA with the host split into one device per core and the heads split over them
-(``sharded_attention``, 128-token tiles, q/k/v placed split by heads before the timed
+(``sharded_attention``, 256x128-token tiles, q/k/v placed split by heads before the timed
 calls, as a head-sharded model's activations are). On a single XLA:CPU device only large
 operations are spread over the cores, so the blocked path's tile loop runs mostly on one.
 
@@ -47,10 +47,12 @@ T_QUICK = (512, 1024)
 # device per core and the heads split over them (see worker_env)
 IMPLEMENTATIONS = ("xla", "xla_per_core", "reference", "jax_nn", "torch_sdpa")
 PER_CORE = ("xla_per_core",)
-# One core runs 128-token tiles faster than 512-token ones (the single-device default,
-# chosen for XLA:CPU spreading large tiles over the cores); measured T = 4096 fwd 87.5 vs
-# 99.6 ms, fwd+bwd 273 vs 297 ms, same process.
-PER_CORE_TILE = 128
+# One core runs small tiles faster than the single-device default (512, chosen for XLA:CPU
+# spreading large tiles over the cores). Measured at T = 4096, forward (fwd+bwd) ms, each
+# run timed interleaved in one process: 512x512 99.6 (297) vs 128x128 87.5 (273);
+# 128x128 91.0 (296), 256x128 87.0 (294), 512x128 90.1 (311), 256x64 89.3 (301);
+# 128x128 85.4, 256x128 81.2, 128x256 104.8, 64x128 109.5.
+PER_CORE_TILES = (256, 128)
 KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_interpret")
 DTYPES = ("float32", "bfloat16")
 MATERIALISING = ("reference", "jax_nn")  # build the [B, N, T, T] logits
@@ -134,8 +136,8 @@ def jax_attention(impl: str):
         head_axes="h",
         mask=mask,
         implementation="xla",
-        block_q=PER_CORE_TILE,
-        block_kv=PER_CORE_TILE,
+        block_q=PER_CORE_TILES[0],
+        block_kv=PER_CORE_TILES[1],
       )
 
     # Inputs arrive split by heads, as a head-sharded model's activations do.
