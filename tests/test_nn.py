@@ -55,7 +55,7 @@ def test_layer_kinds_use_their_registry_options(rng, kind):
     d_model=16, num_heads=2, kind=kind, positions="none", options=opts, rngs=nnx.Rngs(1)
   )
   if kind == "sinks":  # a non-trivial sink logit so the test can see it
-    layer.sinks[...] = jnp.asarray([0.7, -0.3])
+    layer.sinks[...] = jnp.asarray([0.7, -0.3], layer.sinks[...].dtype)
   x = normal(rng, (2, 11, 16), jnp.float32)
   expected = {
     "sliding_window": lambda: dict(mask=sliding_window(3)),
