@@ -16,9 +16,10 @@ gradient flows through it.
 
 Selection is separate from attention (DESIGN.md): ``moba_select`` returns the selected
 blocks ``[B, N, T, nC]`` per query token (so a decode step equals the last row of a full
-call), and ``moba`` attends over them: per head one ``dot_product_attention`` call with a
-``ChunkSelectionMask`` & causal mask, the blocked ``xla`` path skipping every (q block,
-kv block) tile that no query of the tile selected (shared with ``longheads``).
+call), and ``moba`` attends over them: one ``dot_product_attention`` call with a
+``ChunkSelectionMask`` & causal mask over (example, head) pairs folded into the batch, the
+blocked ``xla`` path skipping every (q block, kv block) tile that no query of the tile
+selected (``longheads.attend_selected_chunks``).
 
 On TPU / GPU (``pallas_tpu`` / ``pallas_gpu``; ``pallas_interpret`` simulates the TPU
 kernel) the block-sparse kernels run the exact per-token selection

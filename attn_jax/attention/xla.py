@@ -279,10 +279,10 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
     q_idx = qi * bq + jnp.arange(bq)
     tile = _Tile(q_GqH, q_idx, k_SH, v_SV, dense_bias, bias_fn, heads_G, mask, b, index_QM, full_QM)
 
-    def kv_step(j, carry):
+    def kv_step(j, carry, past_list_possible=cfg.lists_batched):
       m_Gq, l_Gq, acc_GqV = carry
       _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, j, transposed=False)
-      if cfg.lists_batched:  # rows of the batch list fewer tiles than the trip count
+      if past_list_possible:  # a row may list fewer tiles than the trip count
         s_Gqk = jnp.where(j < count_Q[qi], s_Gqk, -jnp.inf)
       e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk  # what the exponentials see
       m_new_Gq = jnp.maximum(m_Gq, e_Gqk.max(-1))
@@ -295,17 +295,14 @@ def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lis
       acc_GqV = correction_Gq[..., None] * acc_GqV + _rows_matmul(p_Gqk, v_kV)
       return m_new_Gq, l_Gq, acc_GqV
 
-    # The first listed tile starts the running statistics (no rescaling; a one-tile row
-    # runs no loop iteration). A row listing nothing sees its padding entry fully masked.
-    _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, 0, transposed=False)
-    s_Gqk = jnp.where(count_Q[qi] > 0, s_Gqk, -jnp.inf)
-    e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk
-    m0_Gq = e_Gqk.max(-1)
-    p_Gqk = jnp.exp(e_Gqk - jnp.where(m0_Gq == -jnp.inf, 0.0, m0_Gq)[..., None])
-    l0_Gq = p_Gqk.sum(-1)
-    if cfg.signed:
-      p_Gqk = jnp.sign(s_Gqk) * p_Gqk
-    init = (m0_Gq, l0_Gq, _rows_matmul(p_Gqk, v_kV))
+    empty = (
+      jnp.full((G, bq), -jnp.inf, q_GTH.dtype),
+      jnp.zeros((G, bq), q_GTH.dtype),
+      jnp.zeros((G, bq, Hv), q_GTH.dtype),
+    )
+    # The first tile runs outside the loop (a one-tile row runs no loop iteration); a row
+    # listing nothing sees its padding entry fully masked.
+    init = kv_step(0, empty, past_list_possible=True)
     m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(1, trips_Q[qi], kv_step, init)
     if cfg.has_sinks:
       sink_G1 = sinks_G[:, None]
