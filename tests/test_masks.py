@@ -96,31 +96,57 @@ def test_array_masks_block_maps(rng, bq, bk):
     assert_block_map_sound(mask, T, S, bq, bk, exact=exact)
 
 
-@pytest.mark.parametrize("tiles", [(8, 8), (4, 8), (8, 4), (8, 16), (6, 8)])
+def tilewise_dense(mask, batch, bq, bk, transposed):
+  """[B, T, S] visibility of ``mask`` evaluated one bq x bk tile at a time, with the index
+  grids the blocked path uses (``transposed``: its backward's [bk, bq] layout)."""
+  out = np.zeros((batch, -(-T // bq) * bq, -(-S // bk) * bk), bool)
+  for b in range(batch):
+    for i in range(-(-T // bq)):
+      for j in range(-(-S // bk)):
+        q_idx, kv_idx = i * bq + jnp.arange(bq), j * bk + jnp.arange(bk)
+        if transposed:
+          tile = mask.visible(q_idx[None, :], kv_idx[:, None], q_offset=S - T, batch_index=b).T
+        else:
+          tile = mask.visible(q_idx[:, None], kv_idx[None, :], q_offset=S - T, batch_index=b)
+        out[b, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk] = np.broadcast_to(tile, (bq, bk))
+  return out[:, :T, :S]
+
+
+@pytest.mark.parametrize("tiles", [(8, 8), (4, 8), (8, 4), (8, 16), (6, 8), (8, 32)])
 def test_within_tiles_keeps_visibility_on_non_empty_tiles(rng, tiles):
-  """``within_tiles`` may drop only what is constant (and visible) on every listed tile."""
+  """``within_tiles`` may drop only what is constant (and visible) on every listed tile;
+  the reduced mask is evaluated tile by tile, in both layouts, as the blocked path does."""
   bq, bk = tiles
-  k1, k2 = jax.random.split(rng)
+  k1, k2, k3 = jax.random.split(rng, 3)
   idx = jax.random.randint(k1, (2, -(-T // 8), 3), -1, -(-S // 8))
   ids = jnp.sort(jax.random.randint(k2, (2, T), 0, 3), -1).astype(jnp.int32)
+  chosen = jax.random.bernoulli(k3, 0.4, (2, T, -(-S // 8)))
   block_sparse = M.BlockSparseMask(idx, 8)
   for mask in (
     block_sparse,
     block_sparse & M.CausalMask(),
     M.sliding_window(5) & (block_sparse & M.SegmentMask(ids, ids[:, :1].repeat(S, 1))),
     block_sparse | M.sliding_window(3),
+    M.ChunkSelectionMask(chosen, 8),
+    M.ChunkSelectionMask(chosen, 8) & M.CausalMask(),
+    M.ChunkSelectionMask(chosen, 8) | M.sliding_window(4),
   ):
     reduced = mask.within_tiles(bq, bk)
     kinds = np.asarray(mask.block_kinds(T, S, bq, bk))
     listed = np.repeat(np.repeat(kinds != M.EMPTY, bq, -2), bk, -1)[..., :T, :S]
+    listed = np.broadcast_to(listed, (2, T, S))
     full = np.broadcast_to(np.asarray(mask.dense(T, S)), listed.shape)
-    got = np.broadcast_to(np.asarray(reduced.dense(T, S)), listed.shape)
-    np.testing.assert_array_equal(np.where(listed, got, False), np.where(listed, full, False))
+    for transposed in (False, True):
+      got = tilewise_dense(reduced, 2, bq, bk, transposed)
+      np.testing.assert_array_equal(np.where(listed, got, False), np.where(listed, full, False))
   divides = bq in (4, 8) and bk in (4, 8)
   assert isinstance(block_sparse.within_tiles(bq, bk), M.FullMask) == divides
   assert ((block_sparse & M.CausalMask()).within_tiles(bq, bk) == M.CausalMask()) == divides
   either = block_sparse | M.sliding_window(3)
   assert either.within_tiles(bq, bk) is either  # an or keeps every part
+  # A chunk selection on chunk-aligned kv tiles reads per (query, chunk), not per pair.
+  per_chunk = M.ChunkSelectionMask(chosen, 8).within_tiles(bq, bk)
+  assert (type(per_chunk) is not M.ChunkSelectionMask) == (bk in (4, 8, 16, 32))
 
 
 def test_segment_padding_rows_and_columns_see_nothing():
