@@ -111,6 +111,14 @@ SPARSE_ROWS = {
   "landmark:landmark_block=15": ("h2", "num_heads=2", ""),
   "dma:dma_window=16": ("h2", "num_heads=2", ""),
   "routing_transformer:routing_clusters=4": ("h2", "num_heads=2", ""),
+  # The strictly causal variant (each token to its nearest centroid), alone and with a
+  # local window of 8 keys in the same head.
+  "routing_transformer:routing_clusters=4;routing_mode=nearest": ("h2", "num_heads=2", ""),
+  "routing_transformer:routing_clusters=4;routing_mode=nearest;routing_window=8": (
+    "h2",
+    "num_heads=2",
+    "",
+  ),
 }
 FAMILIES = {"heads": ROWS, "sparse": SPARSE_ROWS}
 # name -> (get_config arguments, config overrides); runs go to runs/mqar_<family>[_<setting>]

@@ -20,8 +20,17 @@ Causality caveat: the causal mask holds inside each cluster, but the balanced to
 membership is chosen over the whole sequence, so WHICH earlier keys a query sees depends
 on later tokens (on random inputs, replacing the tokens after position t changed outputs at
 positions <= t by up to 1.5). Training with it is therefore not equivalent to generating
-token by token (the registry marks it decode=False). A strictly causal variant, each token
-routed to its nearest centroid on its own, is not built.
+token by token (the registry marks it decode=False).
+
+``routing_mode="nearest"`` is the strictly causal variant: every query and key goes to its
+nearest centroid on its own (argmax μ_c · x̂), and query i sees key j iff both went to the
+same centroid and j <= i, optionally also the last ``routing_window`` keys (a local window
+in the same head; the paper mixes local and routing heads instead). Nothing a query sees
+depends on later tokens. Clusters are unbalanced: a query whose cluster holds no earlier
+key (and no window) gets 0. It runs as one masked ``dot_product_attention`` call with a
+``GroupMask`` (cluster ids, identity table) over (example, head) pairs folded into the
+batch: O(T²) work on the blocked path, which skips only tiles whose queries and keys share
+no cluster (tokens are not sorted by cluster).
 
 Centroids follow the queries and keys assigned to them. The paper updates them by an
 exponential moving average (``ema_update``: μ ← λ μ + (1 − λ) · mean of the assigned
@@ -34,8 +43,9 @@ Implementations: ``"xla"`` gathers the clusters (``[B, N, C, w, H]``) and attend
 inside each: O(T·w) = O(T^1.5) work and memory; ``"reference"`` builds the T × S mask of every
 cluster (O(C·T²)) and merges the same way: the oracle.
 
-Checks: a single cluster (C = 1) is causal attention; gathering and scattering back
-round-trips exactly.
+Checks: a single cluster (C = 1) is causal attention (both modes); gathering and scattering
+back round-trips exactly; in nearest mode, changing later tokens leaves earlier outputs
+unchanged.
 """
 
 import typing
@@ -46,9 +56,12 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from attn_jax.attention import _checks, registry
+from attn_jax.attention import api as api_lib
+from attn_jax.attention import masks as masks_lib
 
 PAPER = "Efficient Content-Based Sparse Attention with Routing Transformers"
 IMPLEMENTATIONS = ("reference", "xla")
+MODES = ("balanced", "nearest")
 
 
 def normalize(x):
@@ -67,6 +80,15 @@ def route(x_BTnH, centroids_NCH, w: int) -> Int[Array, "B N C w"]:
   score = jnp.einsum("BTNH,NCH->BNCT", xn, jax.lax.stop_gradient(centroids_NCH).astype(xn.dtype))
   _, idx = jax.lax.top_k(score, w)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def assign(x_BTnH, centroids_NCH) -> Int[Array, "B N T"]:
+  """Per head, each vector's nearest centroid (largest μ_c · x̂), chosen on its own."""
+  N = centroids_NCH.shape[0]
+  xn = normalize(jax.lax.stop_gradient(x_BTnH))
+  xn = jnp.repeat(xn, N // xn.shape[2], axis=2)
+  score = jnp.einsum("BTNH,NCH->BNTC", xn, jax.lax.stop_gradient(centroids_NCH).astype(xn.dtype))
+  return jnp.argmax(score, axis=-1).astype(jnp.int32)
 
 
 def _merge(outs_BNCwV, lses_BNCw, q_idx_BNCw, T):
@@ -98,6 +120,8 @@ def routing_attention(
   v_BTKV: Float[Array, "B T K Hv"],
   *,
   centroids: Float[Array, "N C H"],
+  routing_mode: str = "balanced",
+  routing_window: int = 0,
   return_routes: bool = False,
   implementation: str | None = None,
 ):
@@ -105,9 +129,14 @@ def routing_attention(
 
   Args:
     q_BTNH, k_BTKH, v_BTKV: T == S.
-    centroids: μ ``[N, C, H]``; w = T // C members per cluster (C <= T).
-    return_routes: also return ``(q_routes, k_routes)``, int ``[B, N, C, w]`` positions.
-    implementation: "xla" (default: gathered clusters) or "reference" (dense masks).
+    centroids: μ ``[N, C, H]``; balanced mode: w = T // C members per cluster (C <= T).
+    routing_mode: "balanced" (top-w per centroid over the sequence; not causal in what a
+      query sees) or "nearest" (each token to its nearest centroid; strictly causal).
+    routing_window: nearest mode only: also see the last ``routing_window`` keys (0: none).
+    return_routes: also return ``(q_routes, k_routes)``: balanced, int ``[B, N, C, w]``
+      positions per centroid; nearest, int ``[B, N, T]`` centroid per position.
+    implementation: "xla" (default: gathered clusters, or the blocked path under a group
+      mask in nearest mode) or "reference" (dense masks).
   """
   dims = _checks.check_qkv(q_BTNH, k_BTKH, v_BTKV)
   if dims.S != dims.T:
@@ -122,6 +151,20 @@ def routing_attention(
   impl = implementation or "xla"
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {impl!r}")
+  if routing_mode not in MODES:
+    raise ValueError(f"routing_mode must be one of {MODES}; got {routing_mode!r}")
+  if isinstance(routing_window, bool) or not isinstance(routing_window, (int, np.integer)):
+    raise ValueError(f"routing_window must be an int >= 0; got {routing_window!r}")
+  if routing_window < 0:
+    raise ValueError(f"routing_window must be >= 0; got {routing_window}")
+  if routing_window and routing_mode != "nearest":
+    raise ValueError(
+      "routing_window applies to routing_mode='nearest' only (balanced clusters are "
+      f"attended as gathered blocks); got routing_window={routing_window} with "
+      f"routing_mode={routing_mode!r}"
+    )
+  if routing_mode == "nearest":
+    return _nearest(q_BTNH, k_BTKH, v_BTKV, centroids, int(routing_window), return_routes, impl)
   B, T, N, H = q_BTNH.shape
   G = N // dims.K
   C = centroids.shape[1]
@@ -165,29 +208,77 @@ def routing_attention(
   return (out, (q_routes, k_routes)) if return_routes else out
 
 
+def _nearest(q_BTNH, k_BTKH, v_BTKV, centroids_NCH, window, return_routes, impl):
+  """Nearest-centroid routing: same-cluster causal attention (plus a local window)."""
+  B, T, N, H = q_BTNH.shape
+  G = N // k_BTKH.shape[2]
+  C = centroids_NCH.shape[1]
+  q_assign, k_assign = assign(q_BTNH, centroids_NCH), assign(k_BTKH, centroids_NCH)
+  # (example, head) pairs folded into the batch: the cluster ids differ per head.
+  mask = (
+    masks_lib.GroupMask(
+      q_assign.reshape(B * N, T), k_assign.reshape(B * N, T), table=jnp.eye(C, dtype=bool)
+    )
+    & masks_lib.CausalMask()
+  )
+  if window:
+    mask = mask | masks_lib.sliding_window(window)
+
+  def fold(x_BTNX):  # [B, T, N, X] -> [B·N, T, 1, X]
+    return x_BTNX.transpose(0, 2, 1, 3).reshape(B * N, T, 1, x_BTNX.shape[3])
+
+  k_rep = jnp.repeat(k_BTKH, G, axis=2) if G > 1 else k_BTKH
+  v_rep = jnp.repeat(v_BTKV, G, axis=2) if G > 1 else v_BTKV
+  out = api_lib.dot_product_attention(
+    fold(q_BTNH), fold(k_rep), fold(v_rep), mask=mask, implementation=impl
+  )
+  out = out.reshape(B, N, T, -1).transpose(0, 2, 1, 3)
+  return (out, (q_assign, k_assign)) if return_routes else out
+
+
+def _routed_and_centre(x, r, centroids_NCH, normalise_grad):
+  """(normalised vectors routed by ``r``, the centroid each was routed to), same shape:
+  ``r`` int [B, N, C, w] (balanced members) or [B, N, T] (nearest assignments)."""
+  N = centroids_NCH.shape[0]
+  xn = normalize(x) if normalise_grad else jax.lax.stop_gradient(normalize(x))
+  xn = jnp.repeat(xn, N // x.shape[2], axis=2).transpose(0, 2, 1, 3)  # [B, N, T, H]
+  if r.ndim == 4:
+    members = jnp.take_along_axis(xn[:, :, None], r[..., None], axis=3)  # [B, N, C, w, H]
+    return members, jnp.broadcast_to(centroids_NCH[None, :, :, None], members.shape)
+  centre = centroids_NCH[jnp.arange(N)[None, :, None], r]  # [B, N, T, H]
+  return xn, centre
+
+
 def kmeans_loss(q_BTNH, k_BTKH, centroids_NCH, routes) -> Float[Array, ""]:
   """Mean squared distance of the routed (normalised, detached) queries and keys to their
-  centroid; its gradient moves only the centroids."""
-  q_routes, k_routes = routes
-  N = centroids_NCH.shape[0]
+  centroid; its gradient moves only the centroids. ``routes`` as returned by
+  ``routing_attention(..., return_routes=True)`` in either mode."""
   total = 0.0
-  for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
-    xn = jax.lax.stop_gradient(normalize(x))
-    xn = jnp.repeat(xn, N // xn.shape[2], axis=2).transpose(0, 2, 1, 3)[:, :, None]
-    members = jnp.take_along_axis(xn, r[..., None], axis=3)  # [B, N, C, w, H]
-    total = total + jnp.mean(jnp.sum((members - centroids_NCH[None, :, :, None]) ** 2, -1))
+  for x, r in zip((q_BTNH, k_BTKH), routes, strict=True):
+    members, centre = _routed_and_centre(x, r, centroids_NCH, normalise_grad=False)
+    total = total + jnp.mean(jnp.sum((members - centre) ** 2, -1))
   return total / 2
 
 
 def ema_update(q_BTNH, k_BTKH, centroids_NCH, routes, decay: float = 0.999):
-  """The paper's update: μ ← λ μ + (1 − λ) · mean of the routed normalised q and k."""
+  """The paper's update: μ ← λ μ + (1 − λ) · mean of the routed normalised q and k. In
+  nearest mode a centroid with no member this step keeps its value."""
   q_routes, k_routes = routes
-  N = centroids_NCH.shape[0]
-  means = []
-  for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
-    xn = jnp.repeat(normalize(x), N // x.shape[2], axis=2).transpose(0, 2, 1, 3)[:, :, None]
-    means.append(jnp.take_along_axis(xn, r[..., None], axis=3).mean((0, 3)))  # [N, C, H]
-  target = 0.5 * (means[0] + means[1])
+  N, C, _ = centroids_NCH.shape
+  if q_routes.ndim == 4:
+    means = []
+    for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
+      members, _ = _routed_and_centre(x, r, centroids_NCH, normalise_grad=True)
+      means.append(members.mean((0, 3)))  # [N, C, H]
+    target = 0.5 * (means[0] + means[1])
+  else:
+    total, count = 0.0, 0.0
+    for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
+      xn, _ = _routed_and_centre(x, r, centroids_NCH, normalise_grad=True)
+      one_hot = jax.nn.one_hot(r, C, dtype=xn.dtype)  # [B, N, T, C]
+      total = total + jnp.einsum("BNTC,BNTH->NCH", one_hot, xn)
+      count = count + one_hot.sum((0, 2))[..., None]  # [N, C, 1]
+    target = jnp.where(count > 0, total / jnp.maximum(count, 1.0), centroids_NCH)
   return decay * centroids_NCH + (1 - decay) * target.astype(centroids_NCH.dtype)
 
 
@@ -208,7 +299,8 @@ registry.register(
     decode=False,
     tier=2,
     check="A single cluster equals causal. Gathering and scattering round-trip exactly; the "
-    "gathered clusters equal the dense per-cluster masks merged by log-sum-exp.",
+    "gathered clusters equal the dense per-cluster masks merged by log-sum-exp. Nearest mode "
+    "(routing_mode='nearest'): later tokens leave earlier outputs unchanged.",
     build=_build,
     module=registry.NN_ATTENTION,
   )

@@ -106,6 +106,8 @@ DEFAULT_OPTIONS = {
   "davit_mode": "spatial;channel",
   "dma_window": 64,
   "routing_clusters": 8,
+  "routing_mode": "balanced",
+  "routing_window": 0,
   "mw_windows": "",
   "gna_grid": "",
   "gna_stride": 1,
@@ -524,7 +526,9 @@ class Attention(nnx.Module):
         dma_window=int(self.options["dma_window"]),
         implementation=self.implementation,
       )
-    elif self.kind == "routing_transformer":  # k-means routing; option routing_clusters
+    elif (
+      self.kind == "routing_transformer"
+    ):  # k-means routing; options routing_clusters/_mode/_window
       if capture:
         raise NotImplementedError(
           "capture=True is not built for attention kind 'routing_transformer'"
@@ -537,6 +541,8 @@ class Attention(nnx.Module):
         k_BTKH,
         v_BTKH,
         centroids=centroids,
+        routing_mode=str(self.options["routing_mode"]),
+        routing_window=int(self.options["routing_window"]),
         return_routes=True,
         implementation="reference" if self.implementation == "reference" else "xla",
       )
