@@ -42,6 +42,7 @@ Writes ``experiments/results/<runs dir name>.{md,json,png}``, e.g. ``mqar_heads_
 
 import argparse
 import os
+import shlex
 import sys
 import types
 
@@ -256,7 +257,7 @@ def main(argv=None):
     raise SystemExit("no finished runs to tabulate")
   # The table file names the setting and the command that rebuilds it (--only_finished).
   argv = sys.argv[1:] if argv is None else list(argv)
-  command = " ".join(["python experiments/mqar_heads.py", *argv])
+  command = shlex.join(["python", "experiments/mqar_heads.py", *argv])
   if "--only_finished" not in argv:
     command += " --only_finished"
   header = (
