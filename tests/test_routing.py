@@ -89,18 +89,20 @@ def test_bad_inputs_and_nnx_kind(rng):
     rt.routing_attention(q, k, v, centroids=jnp.zeros((3, 2, 8)))
   with pytest.raises(ValueError, match="1 <= C <= T"):
     rt.routing_attention(q, k, v, centroids=jnp.zeros((4, 40, 8)))
+  _check_nnx_kind(rng, {"routing_clusters": 3})
+
+
+def _check_nnx_kind(rng, options):
+  """The NNX kind runs finite and sows the k-means loss; returns the layer and its input."""
   layer = Attention(
-    d_model=16,
-    num_heads=2,
-    kind="routing_transformer",
-    options={"routing_clusters": 3},
-    rngs=nnx.Rngs(0),
+    d_model=16, num_heads=2, kind="routing_transformer", options=options, rngs=nnx.Rngs(0)
   )
   x = normal(rng, (2, 12, 16), jnp.float32)
   y, inter = nnx.capture(layer, nnx.Intermediate)(x)
   assert np.all(np.isfinite(np.asarray(y)))
   leaves = jax.tree_util.tree_flatten_with_path(inter)[0]
   assert any("aux_loss" in jax.tree_util.keystr(p) for p, _ in leaves)
+  return layer, x
 
 
 # -- nearest mode (strictly causal) ----------------------------------------------------
@@ -202,18 +204,8 @@ def test_nearest_centroid_updates_and_nnx_kind(rng):
   # A centroid nobody is routed to keeps its value.
   routes = (jnp.minimum(routes[0], 1), jnp.minimum(routes[1], 1))  # centroid 2 unused
   np.testing.assert_array_equal(rt.ema_update(q, k, mu, routes, decay=0.5)[:, 2], mu[:, 2])
-  layer = Attention(
-    d_model=16,
-    num_heads=2,
-    kind="routing_transformer",
-    options={"routing_clusters": 3, "routing_mode": "nearest", "routing_window": 4},
-    rngs=nnx.Rngs(0),
-  )
-  x = normal(rng, (2, 12, 16), jnp.float32)
-  y, inter = nnx.capture(layer, nnx.Intermediate)(x)
-  assert np.all(np.isfinite(np.asarray(y)))
-  leaves = jax.tree_util.tree_flatten_with_path(inter)[0]
-  assert any("aux_loss" in jax.tree_util.keystr(p) for p, _ in leaves)
+  options = {"routing_clusters": 3, "routing_mode": "nearest", "routing_window": 4}
+  layer, x = _check_nnx_kind(rng, options)
   # Causal through the layer: the gradient of output t reaches no later input.
   g = jax.grad(lambda x: layer(x)[:, 5].sum())(x)
   assert float(jnp.abs(g[:, 6:]).max()) == 0.0 and float(jnp.abs(g[:, :6]).max()) > 0.0
