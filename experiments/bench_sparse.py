@@ -17,6 +17,7 @@ tile count is measured from the selection itself, and MoBA also pays for its gat
 
   .venv/bin/python experiments/bench_sparse.py                          # T 1k-8k, this CPU
   .venv/bin/python experiments/bench_sparse.py --cpu_devices=2          # one device per core
+  .venv/bin/python experiments/bench_sparse.py --processes=2            # one process per core
   .venv/bin/python experiments/bench_sparse.py --ts=16384,32768 --densities=8,32 --reps=2
   python experiments/bench_sparse.py --implementation=pallas_tpu        # on a TPU VM
   python experiments/bench_sparse.py --implementation=pallas_gpu        # on a GPU
@@ -37,6 +38,15 @@ operations over the cores: the dense path's 512-token tiles gain from the second
 128-token tiles of a sparse pattern do not (measured here), so on one device the
 comparison measures XLA's threading as much as the skipping; with a device per core each
 core runs its own heads' tiles.
+
+``--processes=N`` (CPU only) runs N worker processes instead, each pinned to its own core
+with N-th of the heads and one XLA device, timing the same cells in step (a barrier before
+each timed race); a cell's time is the slowest worker's, the wall time of a step in which
+every core runs its heads. Head-split attention needs no communication, so this is what a
+one-process-per-core deployment (``jax.distributed`` over local processes) runs. It exists
+because two XLA devices in ONE process measured about 2x slower than two pinned processes
+on sparse patterns of 128-token tiles (a diagonal-only pattern, 4 heads per core, T = 4096:
+21 ms vs 10-11 ms; dense causal alike in both).
 
 Writes ``experiments/results/bench_sparse.{json,md,png}``.
 """
@@ -94,10 +104,12 @@ def random_block_sparse(T, block, density, seed):
   return BlockSparseMask(jnp.asarray(idx), block) & CausalMask()
 
 
-def time_interleaved(fns, args, reps):
-  """Median seconds of each fn, timed in turns (a, b, a, b, ...) after one warm-up each."""
+def time_interleaved(fns, args, reps, sync=lambda: None):
+  """Median seconds of each fn, timed in turns (a, b, a, b, ...) after one warm-up each
+  (``sync`` runs between the warm-ups and the timed calls: the workers' barrier)."""
   for fn in fns:
     jax.block_until_ready(fn(*args))
+  sync()
   times = [[] for _ in fns]
   for rep in range(reps):
     order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
@@ -115,11 +127,11 @@ def compiled(attend):
   return fwd, bwd
 
 
-def race(fns_a, fns_b, args, reps):
+def race(fns_a, fns_b, args, reps, sync=lambda: None):
   """{"fwd_s", "fwd_bwd_s"} of a and of b, each kind timed interleaved."""
   out_a, out_b = {}, {}
   for i, kind in enumerate(("fwd_s", "fwd_bwd_s")):
-    out_a[kind], out_b[kind] = time_interleaved([fns_a[i], fns_b[i]], args, reps)
+    out_a[kind], out_b[kind] = time_interleaved([fns_a[i], fns_b[i]], args, reps, sync)
   return out_a, out_b
 
 
@@ -150,7 +162,10 @@ def masked_attention(mask, impl, mesh, tiles_kw):
   )
 
 
-def main(argv=None):
+TIME_KEYS = ("fwd_s", "fwd_bwd_s", "dense_fwd_s", "dense_fwd_bwd_s")
+
+
+def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--ts", default="1024,2048,4096,8192")
   p.add_argument("--densities", default="2,4,8,16,32", help="denominators of ρ")
@@ -164,30 +179,32 @@ def main(argv=None):
     default=1,
     help="split the CPU into this many XLA devices and the heads over them (set at start-up)",
   )
+  p.add_argument(
+    "--processes",
+    type=int,
+    default=1,
+    help="CPU only: run this many worker processes, each pinned to its own core with its "
+    "share of the heads, timing the same cells in step (a barrier before each timed race); "
+    "a cell's time is the slowest worker's",
+  )
   p.add_argument("--out", default=str(RESULTS / "bench_sparse"))
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def measure(args, heads, mesh, sync=lambda: None, seed=0):
+  """The table's rows for ``heads`` heads (all of them, or one worker's share)."""
   ts = [int(t) for t in args.ts.split(",")]
   dens = [int(d) for d in args.densities.split(",")]
   patterns = [s for s in args.patterns.split(",") if s]
   impl = args.implementation
-  mesh = None
-  if args.cpu_devices > 1:
-    devices = jax.devices()
-    if len(devices) < args.cpu_devices or N % args.cpu_devices:
-      raise SystemExit(
-        f"--cpu_devices={args.cpu_devices} needs that many devices (found {len(devices)}; "
-        "pass it on the command line, which sets XLA_FLAGS before jax starts) dividing "
-        f"N={N} heads"
-      )
-    mesh = Mesh(np.array(devices[: args.cpu_devices]), ("heads",))
   rows = []
   for T in ts:
     if T % args.block:
       raise SystemExit(f"T={T} must be a multiple of --block={args.block}")
-    kq, kk, kv = jax.random.split(jax.random.key(T), 3)
-    q = jax.random.normal(kq, (B, T, N, H), jnp.float32)
-    k = jax.random.normal(kk, (B, T, N, H), jnp.float32)
-    v = jax.random.normal(kv, (B, T, N, H), jnp.float32)
+    kq, kk, kv = jax.random.split(jax.random.fold_in(jax.random.key(T), seed), 3)
+    q = jax.random.normal(kq, (B, T, heads, H), jnp.float32)
+    k = jax.random.normal(kk, (B, T, heads, H), jnp.float32)
+    v = jax.random.normal(kv, (B, T, heads, H), jnp.float32)
     if mesh is not None:  # activations live split by heads, as in a head-sharded model
       q, k, v = jax.device_put((q, k, v), NamedSharding(mesh, PartitionSpec(None, None, "heads")))
     causal_tiles = tiles(CausalMask(), T, args.block)
@@ -200,7 +217,7 @@ def main(argv=None):
     dense_tiles = "default"
     if tiles_kw:
       block_fns = compiled(masked_attention(CausalMask(), impl, mesh, tiles_kw))
-      default_t, block_t = race(dense_fns, block_fns, (q, k, v), args.reps)
+      default_t, block_t = race(dense_fns, block_fns, (q, k, v), args.reps, sync)
       if block_t["fwd_bwd_s"] < default_t["fwd_bwd_s"]:
         dense_fns, dense_tiles = block_fns, f"{args.block}"
       print(
@@ -230,8 +247,8 @@ def main(argv=None):
             q, k, v, moba_block=args.block, moba_top_k=top_k, return_selection=True
           )
           sel = np.asarray(sel)  # [B, N, T, nC]: a tile counts if any of its queries chose it
-          per_tile = sel.reshape(B, N, nblocks, args.block, nblocks).any(3)
-          n_tiles = per_tile.sum() / (B * N)
+          per_tile = sel.reshape(B, heads, nblocks, args.block, nblocks).any(3)
+          n_tiles = per_tile.sum() / (B * heads)
 
           def moba_attend(q, k, v, top_k=top_k):
             return moba_lib.moba(q, k, v, moba_block=args.block, moba_top_k=top_k)
@@ -239,30 +256,102 @@ def main(argv=None):
           attend = head_split(moba_attend, mesh)
         else:
           raise SystemExit(f"unknown pattern {name!r}")
-        dense, r = race(dense_fns, compiled(attend), (q, k, v), args.reps)
-        ideal = causal_tiles / n_tiles
+        dense, r = race(dense_fns, compiled(attend), (q, k, v), args.reps, sync)
         row = {
           "T": T,
           "pattern": name,
           "target_density": rho,
           "tiles": float(n_tiles),
           "causal_tiles": causal_tiles,
-          "ideal_speedup": ideal,
-          "fwd_speedup": dense["fwd_s"] / r["fwd_s"],
-          "fwd_bwd_speedup": dense["fwd_bwd_s"] / r["fwd_bwd_s"],
           "dense_tiles": dense_tiles,
           **{f"dense_{k_}": v_ for k_, v_ in dense.items()},
           **r,
         }
-        row["fwd_ratio"] = row["fwd_speedup"] / ideal
-        row["fwd_bwd_ratio"] = row["fwd_bwd_speedup"] / ideal
-        rows.append(row)
+        rows.append(with_ratios(row))
         print(
-          f"  1/{d} {name:>14}: ideal {ideal:5.2f}x  fwd {row['fwd_speedup']:5.2f}x "
-          f"(ratio {row['fwd_ratio']:.2f})  fwd+bwd {row['fwd_bwd_speedup']:5.2f}x "
-          f"(ratio {row['fwd_bwd_ratio']:.2f})",
+          f"  1/{d} {name:>14}: ideal {row['ideal_speedup']:5.2f}x  fwd "
+          f"{row['fwd_speedup']:5.2f}x (ratio {row['fwd_ratio']:.2f})  fwd+bwd "
+          f"{row['fwd_bwd_speedup']:5.2f}x (ratio {row['fwd_bwd_ratio']:.2f})",
           flush=True,
         )
+  return rows
+
+
+def with_ratios(row):
+  """Adds the ideal and realised speedups and their ratios to a row of times and tiles."""
+  row["ideal_speedup"] = row["causal_tiles"] / row["tiles"]
+  row["fwd_speedup"] = row["dense_fwd_s"] / row["fwd_s"]
+  row["fwd_bwd_speedup"] = row["dense_fwd_bwd_s"] / row["fwd_bwd_s"]
+  row["fwd_ratio"] = row["fwd_speedup"] / row["ideal_speedup"]
+  row["fwd_bwd_ratio"] = row["fwd_bwd_speedup"] / row["ideal_speedup"]
+  return row
+
+
+def _worker(index, args, barrier, queue):
+  """One pinned worker of ``--processes``: its share of the heads, in step with the rest."""
+  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[index]})  # before XLA starts
+  try:
+    rows = measure(args, N // args.processes, None, sync=barrier.wait, seed=index)
+    queue.put((index, rows, None))
+  except BaseException as e:  # the parent reports it; the barrier must not hang the others
+    barrier.abort()
+    queue.put((index, None, f"{type(e).__name__}: {e}"))
+
+
+def run_processes(args):
+  """Rows merged over ``args.processes`` pinned workers: per cell, the slowest worker's time
+  (the wall time when every core runs its heads at once); MoBA's tiles averaged."""
+  import multiprocessing
+
+  P = args.processes
+  cores = sorted(os.sched_getaffinity(0))
+  if P > len(cores) or N % P:
+    raise SystemExit(f"--processes={P} needs that many cores (have {len(cores)}) dividing N={N}")
+  if args.cpu_devices > 1 or args.implementation.startswith("pallas"):
+    raise SystemExit("--processes is for the CPU xla path, without --cpu_devices")
+  ctx = multiprocessing.get_context("spawn")
+  barrier, queue = ctx.Barrier(P), ctx.Queue()
+  procs = [ctx.Process(target=_worker, args=(i, args, barrier, queue)) for i in range(P)]
+  for proc in procs:
+    proc.start()
+  results = {}
+  for _ in procs:
+    index, rows, error = queue.get()
+    if error is not None:
+      for proc in procs:
+        proc.terminate()
+      raise SystemExit(f"worker {index} failed: {error}")
+    results[index] = rows
+  for proc in procs:
+    proc.join()
+  merged = []
+  for cells in zip(*(results[i] for i in range(P)), strict=True):
+    row = dict(cells[0])
+    for key in TIME_KEYS:
+      row[key] = max(c[key] for c in cells)
+    row["tiles"] = float(np.mean([c["tiles"] for c in cells]))
+    row["per_process_ratios"] = [(c["fwd_ratio"], c["fwd_bwd_ratio"]) for c in cells]
+    merged.append(with_ratios(row))
+  return merged
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  impl = args.implementation
+  mesh = None
+  if args.processes > 1:
+    rows = run_processes(args)
+  else:
+    if args.cpu_devices > 1:
+      devices = jax.devices()
+      if len(devices) < args.cpu_devices or N % args.cpu_devices:
+        raise SystemExit(
+          f"--cpu_devices={args.cpu_devices} needs that many devices (found {len(devices)}; "
+          "pass it on the command line, which sets XLA_FLAGS before jax starts) dividing "
+          f"N={N} heads"
+        )
+      mesh = Mesh(np.array(devices[: args.cpu_devices]), ("heads",))
+    rows = measure(args, N, mesh)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   command = "python experiments/bench_sparse.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -276,15 +365,23 @@ def main(argv=None):
     "implementation": impl,
     "reps": args.reps,
     "cpu_devices": args.cpu_devices,
+    "processes": args.processes,
   }
   out.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=1))
+  if mesh is not None:
+    where = f" split into {args.cpu_devices} devices (heads split over them)"
+  elif args.processes > 1:
+    where = (
+      f", {args.processes} processes each pinned to one core with {N // args.processes} of "
+      "the heads, timing in step (a cell's time is the slowest process's)"
+    )
+  else:
+    where = ""
   lines = [
     "# Sparse vs dense causal attention: realised / ideal speedup\n",
     f"B={B}, N={N}, H={H}, float32, block {args.block}, implementation {impl}, backend "
-    f"{jax.default_backend()}"
-    + (f" split into {args.cpu_devices} devices (heads split over them)" if mesh else "")
-    + f", median of {args.reps} calls timed interleaved with the dense baseline. Ideal = "
-    "causal tiles / sparse tiles; ratio = realised / ideal.\n",
+    f"{jax.default_backend()}{where}, median of {args.reps} calls timed interleaved with the "
+    "dense baseline. Ideal = causal tiles / sparse tiles; ratio = realised / ideal.\n",
     f"Command: `{command}`\n",
     "| T | pattern | target ρ | ideal | fwd speedup | fwd ratio | fwd+bwd speedup "
     "| fwd+bwd ratio |",

@@ -104,6 +104,30 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
   assert "split into 2 devices" in (tmp_path / "bs2.md").read_text()
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers")
+def test_bench_sparse_pinned_processes_merge_the_slowest(tmp_path):
+  """--processes=2: two pinned workers with 4 heads each; a cell's time is the slower one's."""
+  rows = bench_sparse.main(
+    [
+      "--ts=256",
+      "--densities=4",
+      "--block=64",
+      "--reps=1",
+      "--patterns=sliding_window,moba",
+      "--processes=2",
+      f"--out={tmp_path / 'bsp'}",
+    ]
+  )
+  assert [r["pattern"] for r in rows] == ["sliding_window", "moba"]
+  for r in rows:
+    assert len(r["per_process_ratios"]) == 2
+    assert r["fwd_s"] > 0 and r["dense_fwd_bwd_s"] > 0
+    assert r["fwd_bwd_speedup"] == pytest.approx(r["dense_fwd_bwd_s"] / r["fwd_bwd_s"])
+  assert "2 processes each pinned to one core" in (tmp_path / "bsp.md").read_text()
+  with pytest.raises(SystemExit, match="dividing N=8"):
+    bench_sparse.main(["--ts=256", "--processes=3", f"--out={tmp_path / 'x'}"])
+
+
 def test_bench_attention_per_core_worker_splits_the_cpu(tmp_path):
   """xla_per_core's worker sees one XLA device per core; the ratio columns name it."""
   assert (
