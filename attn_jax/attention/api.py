@@ -5,6 +5,7 @@ Dimension key: B batch, T query length, S key/value length, N query heads, K kv 
 """
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from attn_jax.attention import _checks
@@ -116,3 +117,29 @@ def dot_product_attention(
       _checks.check_block_size(name, size)
       options[name] = size
   return xla_lib.blocked_attention(q, k, v, **options)
+
+
+def heads_folded_attention(
+  q: Float[Array, "B T N H"],
+  k: Float[Array, "B S K H"],
+  v: Float[Array, "B S K Hv"],
+  *,
+  mask,
+  **options,
+) -> Float[Array, "B T N Hv"]:
+  """``dot_product_attention`` under a mask that differs per (example, head): the heads are
+  folded into the batch (B·N rows, example-major; K/V read per query head) and ``mask``'s
+  batch axis indexes those rows. One call, so the blocked path sees each row's tile lists
+  as data (a vmap over heads would batch its loops' trip counts instead). ``options`` as
+  ``dot_product_attention`` (no per-head bias or sinks)."""
+  B, T, N, _ = q.shape
+  G = N // k.shape[2]
+
+  def fold(x_BLNX):  # [B, L, N, X] -> [B·N, L, 1, X]
+    if x_BLNX.shape[2] != N:
+      x_BLNX = jnp.repeat(x_BLNX, G, axis=2)
+    B_, L, _, X = x_BLNX.shape
+    return x_BLNX.transpose(0, 2, 1, 3).reshape(B_ * N, L, 1, X)
+
+  out = dot_product_attention(fold(q), fold(k), fold(v), mask=mask, **options)
+  return out.reshape(B, N, T, -1).transpose(0, 2, 1, 3)

@@ -27,6 +27,7 @@ the saving grows with the agreement of neighbouring queries; the Pallas kernels 
 per-query masks: not built.
 """
 
+import functools
 import typing
 
 import jax
@@ -161,35 +162,31 @@ def attend_selected_chunks(
   Measured (bench_sparse.py, T = 4096, chunk 128, random inputs, forward+backward vs dense
   causal): top_k = 1 of 32 chunks 2.7x -> 5.0x with chunk tiles; top_k = 2..16 of 32 the picks'
   union is every earlier chunk and chunk tiles were 2x slower (0.4x vs 0.85x)."""
-  G = q_BTNH.shape[2] // k_BSKH.shape[2]
 
-  def one_head(q_BTH, k_BSH, v_BSV, sel_BTC):
+  def attend(q, k, v, sel_BTC, fold_heads):
     m = masks_lib.ChunkSelectionMask(sel_BTC, chunk)
     m = m if base_mask is None else m & base_mask
     impl = implementation or api_lib.default_implementation(mask=m)
     tiles = {}
-    n_chunks = sel_BTC.shape[-1]
-    if impl == "xla" and top_k is not None and 32 * top_k <= n_chunks:
+    if impl == "xla" and top_k is not None and 32 * top_k <= sel_BTC.shape[-1]:
       tiles = {"block_q": selection_tile(chunk), "block_kv": selection_tile(chunk)}
+    if fold_heads:
+      return api_lib.heads_folded_attention(q, k, v, mask=m, implementation=impl, **tiles)
     out = api_lib.dot_product_attention(
-      q_BTH[:, :, None], k_BSH[:, :, None], v_BSV[:, :, None], mask=m, implementation=impl, **tiles
+      q[:, :, None], k[:, :, None], v[:, :, None], mask=m, implementation=impl, **tiles
     )
     return out[:, :, 0]
 
-  k_rep = jnp.repeat(k_BSKH, G, axis=2) if G > 1 else k_BSKH
-  v_rep = jnp.repeat(v_BSKV, G, axis=2) if G > 1 else v_BSKV
   if base_mask is not None and base_mask.batched:  # its arrays are per example: vmap heads
+    G = q_BTNH.shape[2] // k_BSKH.shape[2]
+    k_rep = jnp.repeat(k_BSKH, G, axis=2) if G > 1 else k_BSKH
+    v_rep = jnp.repeat(v_BSKV, G, axis=2) if G > 1 else v_BSKV
+    one_head = functools.partial(attend, fold_heads=False)
     return jax.vmap(one_head, in_axes=(2, 2, 2, 1), out_axes=2)(q_BTNH, k_rep, v_rep, selected_BNTC)
-  # Heads folded into the batch: one call whose tile lists are per (example, head), so the
-  # blocked path's loops see the lists as data rather than as a vmapped trip count.
-  B, T, N, _ = q_BTNH.shape
-
-  def fold(x_BLNX):
-    return x_BLNX.transpose(0, 2, 1, 3).reshape(B * N, x_BLNX.shape[1], x_BLNX.shape[3])
-
+  # Heads folded into the batch: one call whose tile lists are per (example, head).
+  B, N = q_BTNH.shape[0], q_BTNH.shape[2]
   sel = selected_BNTC.reshape(B * N, *selected_BNTC.shape[2:])
-  out = one_head(fold(q_BTNH), fold(k_rep), fold(v_rep), sel)  # [B·N, T, Hv]
-  return out.reshape(B, N, T, -1).transpose(0, 2, 1, 3)
+  return attend(q_BTNH, k_BSKH, v_BSKV, sel, fold_heads=True)
 
 
 def _build(key, dims, causal):

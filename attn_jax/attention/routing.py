@@ -71,24 +71,24 @@ def normalize(x):
   return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
 
 
-def route(x_BTnH, centroids_NCH, w: int) -> Int[Array, "B N C w"]:
-  """Per head and centroid the positions of its w nearest vectors (sorted by position).
-  ``x`` has N heads (queries) or K heads (keys, repeated to N)."""
+def _scores(x_BTnH, centroids_NCH) -> Float[Array, "B N T C"]:
+  """μ_c · x̂ per head (detached): x has N heads (queries) or K heads (repeated to N)."""
   N = centroids_NCH.shape[0]
   xn = normalize(jax.lax.stop_gradient(x_BTnH))
   xn = jnp.repeat(xn, N // xn.shape[2], axis=2)
-  score = jnp.einsum("BTNH,NCH->BNCT", xn, jax.lax.stop_gradient(centroids_NCH).astype(xn.dtype))
-  _, idx = jax.lax.top_k(score, w)
+  mu = jax.lax.stop_gradient(centroids_NCH).astype(xn.dtype)
+  return jnp.einsum("BTNH,NCH->BNTC", xn, mu)
+
+
+def route(x_BTnH, centroids_NCH, w: int) -> Int[Array, "B N C w"]:
+  """Per head and centroid the positions of its w nearest vectors (sorted by position)."""
+  _, idx = jax.lax.top_k(_scores(x_BTnH, centroids_NCH).swapaxes(-1, -2), w)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
 def assign(x_BTnH, centroids_NCH) -> Int[Array, "B N T"]:
   """Per head, each vector's nearest centroid (largest μ_c · x̂), chosen on its own."""
-  N = centroids_NCH.shape[0]
-  xn = normalize(jax.lax.stop_gradient(x_BTnH))
-  xn = jnp.repeat(xn, N // xn.shape[2], axis=2)
-  score = jnp.einsum("BTNH,NCH->BNTC", xn, jax.lax.stop_gradient(centroids_NCH).astype(xn.dtype))
-  return jnp.argmax(score, axis=-1).astype(jnp.int32)
+  return jnp.argmax(_scores(x_BTnH, centroids_NCH), axis=-1).astype(jnp.int32)
 
 
 def _merge(outs_BNCwV, lses_BNCw, q_idx_BNCw, T):
@@ -210,8 +210,7 @@ def routing_attention(
 
 def _nearest(q_BTNH, k_BTKH, v_BTKV, centroids_NCH, window, return_routes, impl):
   """Nearest-centroid routing: same-cluster causal attention (plus a local window)."""
-  B, T, N, H = q_BTNH.shape
-  G = N // k_BTKH.shape[2]
+  B, T, N, _ = q_BTNH.shape
   C = centroids_NCH.shape[1]
   q_assign, k_assign = assign(q_BTNH, centroids_NCH), assign(k_BTKH, centroids_NCH)
   # (example, head) pairs folded into the batch: the cluster ids differ per head.
@@ -223,30 +222,20 @@ def _nearest(q_BTNH, k_BTKH, v_BTKV, centroids_NCH, window, return_routes, impl)
   )
   if window:
     mask = mask | masks_lib.sliding_window(window)
-
-  def fold(x_BTNX):  # [B, T, N, X] -> [B·N, T, 1, X]
-    return x_BTNX.transpose(0, 2, 1, 3).reshape(B * N, T, 1, x_BTNX.shape[3])
-
-  k_rep = jnp.repeat(k_BTKH, G, axis=2) if G > 1 else k_BTKH
-  v_rep = jnp.repeat(v_BTKV, G, axis=2) if G > 1 else v_BTKV
-  out = api_lib.dot_product_attention(
-    fold(q_BTNH), fold(k_rep), fold(v_rep), mask=mask, implementation=impl
-  )
-  out = out.reshape(B, N, T, -1).transpose(0, 2, 1, 3)
+  out = api_lib.heads_folded_attention(q_BTNH, k_BTKH, v_BTKV, mask=mask, implementation=impl)
   return (out, (q_assign, k_assign)) if return_routes else out
 
 
-def _routed_and_centre(x, r, centroids_NCH, normalise_grad):
-  """(normalised vectors routed by ``r``, the centroid each was routed to), same shape:
-  ``r`` int [B, N, C, w] (balanced members) or [B, N, T] (nearest assignments)."""
+def _routed_and_centre(x, r, centroids_NCH):
+  """(normalised detached vectors routed by ``r``, the centroid each was routed to), same
+  shape: ``r`` int [B, N, C, w] (balanced members) or [B, N, T] (nearest assignments)."""
   N = centroids_NCH.shape[0]
-  xn = normalize(x) if normalise_grad else jax.lax.stop_gradient(normalize(x))
+  xn = jax.lax.stop_gradient(normalize(x))
   xn = jnp.repeat(xn, N // x.shape[2], axis=2).transpose(0, 2, 1, 3)  # [B, N, T, H]
   if r.ndim == 4:
     members = jnp.take_along_axis(xn[:, :, None], r[..., None], axis=3)  # [B, N, C, w, H]
     return members, jnp.broadcast_to(centroids_NCH[None, :, :, None], members.shape)
-  centre = centroids_NCH[jnp.arange(N)[None, :, None], r]  # [B, N, T, H]
-  return xn, centre
+  return xn, centroids_NCH[jnp.arange(N)[None, :, None], r]  # [B, N, T, H] both
 
 
 def kmeans_loss(q_BTNH, k_BTKH, centroids_NCH, routes) -> Float[Array, ""]:
@@ -255,30 +244,27 @@ def kmeans_loss(q_BTNH, k_BTKH, centroids_NCH, routes) -> Float[Array, ""]:
   ``routing_attention(..., return_routes=True)`` in either mode."""
   total = 0.0
   for x, r in zip((q_BTNH, k_BTKH), routes, strict=True):
-    members, centre = _routed_and_centre(x, r, centroids_NCH, normalise_grad=False)
+    members, centre = _routed_and_centre(x, r, centroids_NCH)
     total = total + jnp.mean(jnp.sum((members - centre) ** 2, -1))
   return total / 2
 
 
 def ema_update(q_BTNH, k_BTKH, centroids_NCH, routes, decay: float = 0.999):
-  """The paper's update: μ ← λ μ + (1 − λ) · mean of the routed normalised q and k. In
-  nearest mode a centroid with no member this step keeps its value."""
-  q_routes, k_routes = routes
-  N, C, _ = centroids_NCH.shape
-  if q_routes.ndim == 4:
-    means = []
-    for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
-      members, _ = _routed_and_centre(x, r, centroids_NCH, normalise_grad=True)
-      means.append(members.mean((0, 3)))  # [N, C, H]
-    target = 0.5 * (means[0] + means[1])
-  else:
-    total, count = 0.0, 0.0
-    for x, r in ((q_BTNH, q_routes), (k_BTKH, k_routes)):
-      xn, _ = _routed_and_centre(x, r, centroids_NCH, normalise_grad=True)
-      one_hot = jax.nn.one_hot(r, C, dtype=xn.dtype)  # [B, N, T, C]
-      total = total + jnp.einsum("BNTC,BNTH->NCH", one_hot, xn)
+  """The paper's update: μ ← λ μ + (1 − λ) · mean of the routed normalised q and k (a
+  non-gradient update). In nearest mode a centroid with no member keeps its value."""
+  C = centroids_NCH.shape[1]
+  total, count = 0.0, 0.0
+  for x, r in zip((q_BTNH, k_BTKH), routes, strict=True):
+    members, _ = _routed_and_centre(x, r, centroids_NCH)
+    if r.ndim == 4:  # balanced: w members per centroid, q and k weighted equally
+      total = total + members.mean((0, 3))  # [N, C, H]
+      count = count + 1.0
+    else:
+      one_hot = jax.nn.one_hot(r, C, dtype=members.dtype)  # [B, N, T, C]
+      total = total + jnp.einsum("BNTC,BNTH->NCH", one_hot, members)
       count = count + one_hot.sum((0, 2))[..., None]  # [N, C, 1]
-    target = jnp.where(count > 0, total / jnp.maximum(count, 1.0), centroids_NCH)
+  count = jnp.broadcast_to(count, centroids_NCH.shape[:2] + (1,))
+  target = jnp.where(count > 0, total / jnp.maximum(count, 1.0), centroids_NCH)
   return decay * centroids_NCH + (1 - decay) * target.astype(centroids_NCH.dtype)
 
 

@@ -526,9 +526,7 @@ class Attention(nnx.Module):
         dma_window=int(self.options["dma_window"]),
         implementation=self.implementation,
       )
-    elif (
-      self.kind == "routing_transformer"
-    ):  # k-means routing; options routing_clusters/_mode/_window
+    elif self.kind == "routing_transformer":  # options routing_clusters, _mode, _window
       if capture:
         raise NotImplementedError(
           "capture=True is not built for attention kind 'routing_transformer'"
