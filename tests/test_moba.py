@@ -11,7 +11,9 @@ from conftest import normal
 from flax import nnx
 
 from attn_jax.attention import CausalMask, SegmentMask, dot_product_attention, registry
+from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import moba as moba_lib
+from attn_jax.attention import xla as xla_lib
 from attn_jax.nn.attention import Attention
 
 
@@ -57,13 +59,17 @@ def test_all_blocks_is_causal(rng):
   )
 
 
-# (37, 6): default tiles; (260, 4): 65 chunks >= 32 x top_k, so the xla path runs at the
-# chunk-granular tiles of longheads.selection_tile (64 tokens, the last one padded).
+# The xla path's tiles (longheads.selection_xla_tile): (37, 6) on a multi-core device, the
+# default tiles; (260, 4): 65 chunks >= 32 x top_k, chunk-granular tiles of 64 tokens (the
+# last one padded); (300, 5) on a device with one core: chunk tiles of 130 tokens.
 # packed: a per-example SegmentMask (heads vmapped); not packed: (example, head) pairs
 # folded into the batch of one call (longheads.attend_selected_chunks).
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("T, block", [(37, 6), (260, 4)])
-def test_blocked_equals_dense_masked_reference_with_gradients(rng, T, block, packed):
+@pytest.mark.parametrize("T, block, cores", [(37, 6, 2.0), (260, 4, 2.0), (300, 5, 1.0)])
+def test_blocked_equals_dense_masked_reference_with_gradients(
+  rng, monkeypatch, T, block, cores, packed
+):
+  monkeypatch.setattr(xla_lib, "cpu_cores_per_device", lambda: cores)
   q, k, v = qkv(rng, T=T, dtype=jnp.float64)
   ids = jnp.asarray([[1] * (T // 2) + [2] * (T - T // 2), [1] * (T - 7) + [0] * 7])
   if not packed:
@@ -98,6 +104,20 @@ def test_blocked_equals_dense_masked_reference_with_gradients(rng, T, block, pac
   close(got, want, 1e-4)
   for g, r in zip(got_g, want_g, strict=True):
     close(g, r, 2e-4)
+
+
+def test_xla_tile_rule(monkeypatch):
+  rule = longheads_lib.selection_xla_tile
+  monkeypatch.setattr(xla_lib, "cpu_cores_per_device", lambda: 2.0)
+  assert rule(128, 64, 2) == 128  # very sparse: chunk tiles
+  assert rule(4, 65, 2) == 64  # ... of at least 64 tokens
+  assert rule(128, 64, 3) is None  # the default tiles on a multi-core device
+  assert rule(128, 64, None) is None
+  monkeypatch.setattr(xla_lib, "cpu_cores_per_device", lambda: 1.0)
+  assert rule(128, 64, 3) == 128  # one core: chunk tiles of at least 128 tokens
+  assert rule(64, 64, 8) == 128
+  assert rule(5, 60, None) == 130
+  assert rule(4, 65, 2) == 64  # the very sparse rule first
 
 
 def test_nnx_kind_and_bad_input(rng):

@@ -37,6 +37,7 @@ from jaxtyping import Array, Bool, Float
 from attn_jax.attention import _checks, registry
 from attn_jax.attention import api as api_lib
 from attn_jax.attention import masks as masks_lib
+from attn_jax.attention import xla as xla_lib
 
 PAPER = "LongHeads: Multi-Head Attention is Secretly a Long Context Processor"
 IMPLEMENTATIONS = ("reference", "xla")
@@ -146,6 +147,28 @@ def selection_tile(chunk: int, smallest: int = 64, largest: int = 512) -> int:
   return min(largest, chunk * max(1, -(-smallest // chunk)))
 
 
+def selection_xla_tile(chunk: int, num_chunks: int, top_k: int | None) -> int | None:
+  """The xla path's tile for a chunk selection, or None for its default tiles.
+
+  * A very sparse selection (``top_k``, chunks per query, at most 1/32 of ``num_chunks``):
+    ``selection_tile(chunk)``, so unselected chunks are skipped tiles. Measured on one 2-core
+    device (bench_sparse.py, T = 4096, chunk 128, forward+backward vs dense causal): top_k =
+    1 of 32 chunks 2.7x -> 5.0x with chunk tiles.
+  * Otherwise, on a device with at most one core (``xla.cpu_cores_per_device``): chunk tiles
+    of at least 128 tokens. Measured on one pinned core, 4 heads, T = 4096 / 8192, MoBA-style
+    selections of 2..32 of 32..64 chunks: 128-token tiles vs the default 512 forward
+    196-219 vs 256-263 ms (T = 4096, chunk 128) and 835 vs 1128 ms (T = 8192, top 8 of 64);
+    chunk 64: 128-token tiles 247-263 vs 311-328 ms forward, 638 vs 759 ms forward+backward.
+  * Otherwise the default tiles: on a multi-core device the union of the picks of a tile's
+    queries covers most chunks anyway, and there chunk tiles measured 2x slower (top_k =
+    2..16 of 32: 0.4x vs 0.85x of dense causal)."""
+  if top_k is not None and 32 * top_k <= num_chunks:
+    return selection_tile(chunk)
+  if xla_lib.cpu_cores_per_device() <= 1:
+    return selection_tile(chunk, smallest=128)
+  return None
+
+
 def attend_selected_chunks(
   q_BTNH, k_BSKH, v_BSKV, selected_BNTC, chunk: int, base_mask, implementation, top_k=None
 ) -> Float[Array, "B T N Hv"]:
@@ -155,21 +178,17 @@ def attend_selected_chunks(
   instead when ``base_mask`` holds per-example arrays; K/V read per query head), so the
   blocked path skips the tiles no query of a tile selected.
 
-  ``top_k`` (chunks per query, when the caller knows it) picks the xla path's tiles: a very
-  sparse selection (top_k ≤ 1/32 of the chunks) runs at ``selection_tile(chunk)`` so
-  unselected chunks are skipped tiles; otherwise the default tiles, since the union of the
-  picks of a tile's queries covers most chunks anyway and small tiles add loop overhead.
-  Measured (bench_sparse.py, T = 4096, chunk 128, random inputs, forward+backward vs dense
-  causal): top_k = 1 of 32 chunks 2.7x -> 5.0x with chunk tiles; top_k = 2..16 of 32 the picks'
-  union is every earlier chunk and chunk tiles were 2x slower (0.4x vs 0.85x)."""
+  The xla path's tiles (``selection_xla_tile``): chunk-granular when the selection is very
+  sparse or a device has at most one core, else the default tiles."""
 
   def attend(q, k, v, sel_BTC, fold_heads):
     m = masks_lib.ChunkSelectionMask(sel_BTC, chunk)
     m = m if base_mask is None else m & base_mask
     impl = implementation or api_lib.default_implementation(mask=m)
     tiles = {}
-    if impl == "xla" and top_k is not None and 32 * top_k <= sel_BTC.shape[-1]:
-      tiles = {"block_q": selection_tile(chunk), "block_kv": selection_tile(chunk)}
+    tile = selection_xla_tile(chunk, sel_BTC.shape[-1], top_k) if impl == "xla" else None
+    if tile is not None:
+      tiles = {"block_q": tile, "block_kv": tile}
     if fold_heads:
       return api_lib.heads_folded_attention(q, k, v, mask=m, implementation=impl, **tiles)
     out = api_lib.dot_product_attention(

@@ -36,6 +36,7 @@ denominator. Fully masked rows give 0 and lse = -inf (lse = σ with a sink), no 
 """
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -50,6 +51,23 @@ from attn_jax.attention import masks as masks_lib
 # Tile sizes measured fastest on a 2-core x86 CPU for H=64 (experiments/bench_attention.py).
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
+
+
+def cpu_cores_per_device() -> float:
+  """The CPU cores this process may run on per local XLA:CPU device (XLA shares them among
+  its devices); inf when the default backend is not the CPU.
+
+  Tile choices depend on it: XLA:CPU spreads only large operations over a device's cores,
+  so one device with several cores favours large tiles, while a device with at most one
+  core (a process pinned to a core, or ``--xla_force_host_platform_device_count`` devices)
+  runs small tiles as fast and skips at a finer grain."""
+  if jax.default_backend() != "cpu":
+    return float("inf")
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # no affinity API (not Linux)
+    cores = os.cpu_count() or 1
+  return cores / jax.local_device_count()
 
 
 class _Config(NamedTuple):
