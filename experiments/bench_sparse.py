@@ -170,7 +170,7 @@ def parse_args(argv):
   p.add_argument("--ts", default="1024,2048,4096,8192")
   p.add_argument("--densities", default="2,4,8,16,32", help="denominators of ρ")
   p.add_argument("--block", type=int, default=128)
-  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--reps", type=int, default=5, help="timed calls per path and cell (medians)")
   p.add_argument("--implementation", default="xla")
   p.add_argument("--patterns", default="sliding_window,block_sparse,moba")
   p.add_argument(

@@ -48,6 +48,9 @@ def test_selection_rule(rng):
   b, n, t = 1, 3, 33
   earlier = np.argsort(-gate[b, n, t, : own[t]])[: top_k - 1]
   assert set(np.nonzero(sel[b, n, t])[0]) == set(earlier) | {own[t]}
+  # k = 1: the own block alone (no gate).
+  sel1 = np.asarray(moba_lib.moba_select(q, k, block=block, top_k=1))
+  np.testing.assert_array_equal(sel1, np.broadcast_to(np.eye(nC, dtype=bool)[own], sel1.shape))
 
 
 def test_all_blocks_is_causal(rng):

@@ -59,12 +59,14 @@ def moba_select(
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   nC = -(-S // block)
-  r_BCNH = jnp.repeat(longheads_lib.chunk_keys(k_BSKH, block), N // K, axis=2)
-  gate_BNTC = jnp.einsum("BTNH,BCNH->BNTC", q_BTNH.astype(jnp.float32), r_BCNH.astype(jnp.float32))
   own_T = jnp.clip((S - T + jnp.arange(T)) // block, 0, nC - 1)
   c = jnp.arange(nC)
-  earlier_TC = c[None, :] < own_T[:, None]
   own_TC = c[None, :] == own_T[:, None]
+  if top_k == 1:  # the own block alone: the gate has nothing to choose
+    return jnp.broadcast_to(own_TC, (B, N, T, nC))
+  r_BCNH = jnp.repeat(longheads_lib.chunk_keys(k_BSKH, block), N // K, axis=2)
+  gate_BNTC = jnp.einsum("BTNH,BCNH->BNTC", q_BTNH.astype(jnp.float32), r_BCNH.astype(jnp.float32))
+  earlier_TC = c[None, :] < own_T[:, None]
   rank = jnp.where(own_TC, jnp.inf, jnp.where(earlier_TC, gate_BNTC, -jnp.inf))
   _, idx = jax.lax.top_k(jax.lax.stop_gradient(rank), min(top_k, nC))
   picked = jnp.any(idx[..., None] == c, axis=-2)
