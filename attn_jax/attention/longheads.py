@@ -157,7 +157,7 @@ def selection_xla_tile(chunk: int, num_chunks: int, top_k: int | None) -> int | 
   * Otherwise, on a device with at most one core (``xla.cpu_cores_per_device``): chunk tiles
     of at least 128 tokens. Measured on one pinned core, 4 heads, T = 4096 / 8192, MoBA-style
     selections of 2..32 of 32..64 chunks: 128-token tiles vs the default 512 forward
-    196-219 vs 256-263 ms (T = 4096, chunk 128) and 835 vs 1128 ms (T = 8192, top 8 of 64);
+    196-219 vs 242-263 ms (T = 4096, chunk 128) and 835 vs 1128 ms (T = 8192, top 8 of 64);
     chunk 64: 128-token tiles 247-263 vs 311-328 ms forward, 638 vs 759 ms forward+backward.
   * Otherwise the default tiles: on a multi-core device the union of the picks of a tile's
     queries covers most chunks anyway, and there chunk tiles measured 2x slower (top_k =
