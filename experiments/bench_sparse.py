@@ -4,8 +4,8 @@ For each length T and target density ρ (1/2 ... 1/32 of the causal work) it tim
 run, dense causal attention and three sparse patterns on the same q, k, v (B=1, N=8, H=64,
 float32): a sliding window (``sliding_window``), a random causal block-sparse pattern
 (``BlockSparseMask``, the diagonal block always kept) and MoBA (``moba``: per-query block
-selection by a parameter-free gate). Forward and forward+backward, median of ``--reps``
-timed calls after a warm-up (compilation excluded).
+selection by a parameter-free gate). Forward and forward+backward, ``--reps`` timed rounds
+after a warm-up (compilation excluded).
 
 The ideal speedup is the ratio of computed tiles: (tiles of the causal map) / (tiles of the
 sparse map), the work the blocked path does (``block_lists`` at the benchmark's block
@@ -24,10 +24,15 @@ tile count is measured from the selection itself, and MoBA also pays for its gat
       # (dense, sliding-window and block-sparse rows on the kernels; MoBA's per-query
       # selection stays on the pure-JAX path)
 
-Timing: the dense baseline and each sparse pattern are timed interleaved (dense, sparse,
-dense, sparse, ...), so a slow spell of a shared machine hits both and the ratio stays
-honest; the dense baseline runs with the faster of its default and the benchmark's tiles,
-chosen once per T by an interleaved race.
+Timing: the dense baseline and each sparse pattern are timed in rounds: one dense call and
+a batch of m sparse calls that lasts about as long (m = dense / sparse time of a warm-up
+call, at most 64), the order alternating between rounds. A round's speedup is its dense
+time over the mean of its batch; the realised speedup is the median over rounds. Both
+paths of a round see the same spell of a shared machine (this one has slow spells of
+seconds, which a single short sparse call catches or misses whole: one call per path and
+rep moved cells by ±0.1-0.3 between runs). The tables also give the median call times.
+The dense baseline runs with the faster of its default and the benchmark's tiles, chosen
+once per T by an interleaved race.
 
 ``--cpu_devices=N`` (CPU only) splits the host into N XLA devices, one per core, and runs
 every path, dense included, with its heads split over them (``sharded_attention`` /
@@ -118,11 +123,46 @@ def time_interleaved(fns, args, reps, sync=lambda: None):
   for rep in range(reps):
     order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
     for i in order:
-      sync()
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[i](*args))
-      times[i].append(time.perf_counter() - t0)
+      times[i].append(_timed_call(fns[i], args, sync))
   return [statistics.median(t) for t in times]
+
+
+def _timed_call(fn, args, sync):
+  sync()
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+MAX_BATCH = 64
+
+
+def time_rounds(dense_fn, sparse_fn, args, reps, sync=lambda: None, agree=lambda x: x):
+  """``reps`` rounds of one dense call and a batch of sparse calls lasting about as long.
+
+  Returns {"dense": [seconds per round], "sparse": [[seconds per call] per round]}. The
+  batch size m = t_dense / t_sparse of a timed warm-up (at most ``MAX_BATCH``; ``agree``
+  makes the workers use the same m) gives both paths the same exposure to the machine:
+  this machine has slow spells of seconds (a fixed numpy matmul loop, pinned, measured
+  0.47-0.84 s per 20 products), which a single 15-80 ms sparse call catches or misses
+  whole, so one call per path and rep moved single cells by ±0.1-0.3. Each round's
+  speedup is its dense time over the mean of its batch, both spanning adjacent equal
+  spells (``with_ratios``). The order alternates between rounds; ``sync`` runs before
+  every call."""
+  for fn in (dense_fn, sparse_fn):
+    jax.block_until_ready(fn(*args))
+  t_dense = _timed_call(dense_fn, args, sync)
+  t_sparse = _timed_call(sparse_fn, args, sync)
+  m = int(agree(min(MAX_BATCH, max(1, round(t_dense / t_sparse)))))
+  rounds = {"dense": [], "sparse": []}
+  for rep in range(reps):
+    if rep % 2:
+      rounds["sparse"].append([_timed_call(sparse_fn, args, sync) for _ in range(m)])
+      rounds["dense"].append(_timed_call(dense_fn, args, sync))
+    else:
+      rounds["dense"].append(_timed_call(dense_fn, args, sync))
+      rounds["sparse"].append([_timed_call(sparse_fn, args, sync) for _ in range(m)])
+  return rounds
 
 
 def compiled(attend):
@@ -167,7 +207,7 @@ def masked_attention(mask, impl, mesh, tiles_kw):
   )
 
 
-TIME_KEYS = ("fwd_s", "fwd_bwd_s", "dense_fwd_s", "dense_fwd_bwd_s")
+KINDS = ("fwd", "fwd_bwd")
 
 
 def parse_args(argv):
@@ -196,7 +236,7 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
-def measure(args, heads, mesh, sync=lambda: None, seed=0):
+def measure(args, heads, mesh, sync=lambda: None, seed=0, agree=lambda x: x):
   """The table's rows for ``heads`` heads (all of them, or one worker's share)."""
   ts = [int(t) for t in args.ts.split(",")]
   dens = [int(d) for d in args.densities.split(",")]
@@ -261,7 +301,7 @@ def measure(args, heads, mesh, sync=lambda: None, seed=0):
           attend = head_split(moba_attend, mesh)
         else:
           raise SystemExit(f"unknown pattern {name!r}")
-        dense, r = race(dense_fns, compiled(attend), (q, k, v), args.reps, sync)
+        sparse_fns = compiled(attend)
         row = {
           "T": T,
           "pattern": name,
@@ -269,9 +309,11 @@ def measure(args, heads, mesh, sync=lambda: None, seed=0):
           "tiles": float(n_tiles),
           "causal_tiles": causal_tiles,
           "dense_tiles": dense_tiles,
-          **{f"dense_{k_}": v_ for k_, v_ in dense.items()},
-          **r,
         }
+        for i, kind in enumerate(KINDS):
+          row[f"{kind}_rounds"] = time_rounds(
+            dense_fns[i], sparse_fns[i], (q, k, v), args.reps, sync, agree
+          )
         rows.append(with_ratios(row))
         print(
           f"  1/{d} {name:>14}: ideal {row['ideal_speedup']:5.2f}x  fwd "
@@ -283,13 +325,41 @@ def measure(args, heads, mesh, sync=lambda: None, seed=0):
 
 
 def with_ratios(row):
-  """Adds the ideal and realised speedups and their ratios to a row of times and tiles."""
+  """Adds times, the ideal and realised speedups and their ratios to a row of rounds.
+
+  Per kind: ``dense_<kind>_s`` and ``<kind>_s`` are the median dense and sparse call
+  times; the realised speedup is the median over rounds of (the round's dense time / the
+  mean of its sparse batch)."""
   row["ideal_speedup"] = row["causal_tiles"] / row["tiles"]
-  row["fwd_speedup"] = row["dense_fwd_s"] / row["fwd_s"]
-  row["fwd_bwd_speedup"] = row["dense_fwd_bwd_s"] / row["fwd_bwd_s"]
-  row["fwd_ratio"] = row["fwd_speedup"] / row["ideal_speedup"]
-  row["fwd_bwd_ratio"] = row["fwd_bwd_speedup"] / row["ideal_speedup"]
+  for kind in KINDS:
+    rounds = row[f"{kind}_rounds"]
+    row[f"dense_{kind}_s"] = statistics.median(rounds["dense"])
+    row[f"{kind}_s"] = statistics.median([t for batch in rounds["sparse"] for t in batch])
+    row[f"{kind}_batch"] = len(rounds["sparse"][0])
+    row[f"{kind}_speedup"] = statistics.median(
+      d / statistics.fmean(batch)
+      for d, batch in zip(rounds["dense"], rounds["sparse"], strict=True)
+    )
+    row[f"{kind}_ratio"] = row[f"{kind}_speedup"] / row["ideal_speedup"]
   return row
+
+
+def merge_cells(cells):
+  """One row from the workers' rows of a cell: every call's time is the slowest worker's
+  (the calls ran in step), MoBA's tiles are averaged, each worker's own ratios kept."""
+  row = dict(cells[0])
+  for kind in KINDS:
+    rounds = [c[f"{kind}_rounds"] for c in cells]
+    row[f"{kind}_rounds"] = {
+      "dense": [max(ts) for ts in zip(*(r["dense"] for r in rounds), strict=True)],
+      "sparse": [
+        [max(ts) for ts in zip(*batches, strict=True)]
+        for batches in zip(*(r["sparse"] for r in rounds), strict=True)
+      ],
+    }
+  row["tiles"] = float(np.mean([c["tiles"] for c in cells]))
+  row["per_process_ratios"] = [(c["fwd_ratio"], c["fwd_bwd_ratio"]) for c in cells]
+  return with_ratios(row)
 
 
 def _die_with_parent():
@@ -304,12 +374,20 @@ def _die_with_parent():
     pass
 
 
-def _worker(index, args, barrier, queue):
+def _worker(index, args, barrier, shared, queue):
   """One pinned worker of ``--processes``: its share of the heads, in step with the rest."""
   _die_with_parent()
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[index]})  # before XLA starts
+
+  def agree(x):  # the largest of the workers' values, the same in every worker
+    shared[index] = x
+    barrier.wait()
+    value = max(shared[:])
+    barrier.wait()  # nobody writes the next value before everyone has read this one
+    return value
+
   try:
-    rows = measure(args, N // args.processes, None, sync=barrier.wait, seed=index)
+    rows = measure(args, N // args.processes, None, sync=barrier.wait, seed=index, agree=agree)
     queue.put((index, rows, None))
   except BaseException as e:  # the parent reports it; the barrier must not hang the others
     barrier.abort()
@@ -328,8 +406,8 @@ def run_processes(args):
   if args.cpu_devices > 1 or args.implementation.startswith("pallas"):
     raise SystemExit("--processes is for the CPU xla path, without --cpu_devices")
   ctx = multiprocessing.get_context("spawn")
-  barrier, queue = ctx.Barrier(P), ctx.Queue()
-  procs = [ctx.Process(target=_worker, args=(i, args, barrier, queue)) for i in range(P)]
+  barrier, shared, queue = ctx.Barrier(P), ctx.Array("d", P), ctx.Queue()
+  procs = [ctx.Process(target=_worker, args=(i, args, barrier, shared, queue)) for i in range(P)]
   for proc in procs:
     proc.start()
   results = {}
@@ -342,15 +420,7 @@ def run_processes(args):
     results[index] = rows
   for proc in procs:
     proc.join()
-  merged = []
-  for cells in zip(*(results[i] for i in range(P)), strict=True):
-    row = dict(cells[0])
-    for key in TIME_KEYS:
-      row[key] = max(c[key] for c in cells)
-    row["tiles"] = float(np.mean([c["tiles"] for c in cells]))
-    row["per_process_ratios"] = [(c["fwd_ratio"], c["fwd_bwd_ratio"]) for c in cells]
-    merged.append(with_ratios(row))
-  return merged
+  return [merge_cells(cells) for cells in zip(*(results[i] for i in range(P)), strict=True)]
 
 
 def main(argv=None):
@@ -398,18 +468,25 @@ def main(argv=None):
   lines = [
     "# Sparse vs dense causal attention: realised / ideal speedup\n",
     f"B={B}, N={N}, H={H}, float32, block {args.block}, implementation {impl}, backend "
-    f"{jax.default_backend()}{where}, median of {args.reps} calls timed interleaved with the "
-    "dense baseline. Ideal = causal tiles / sparse tiles; ratio = realised / ideal.\n",
+    f"{jax.default_backend()}{where}; {args.reps} rounds of one dense call and a batch of m "
+    "sparse calls lasting about as long; speedup = median over rounds of dense time / mean "
+    "sparse time. Ideal = causal tiles / sparse tiles; ratio = realised / ideal.\n",
     f"Command: `{command}`\n",
-    "| T | pattern | target ρ | ideal | fwd speedup | fwd ratio | fwd+bwd speedup "
-    "| fwd+bwd ratio |",
-    "|---|---|---|---|---|---|---|---|",
+    "Times are median calls in ms, dense / sparse (m).\n",
+    "| T | pattern | target ρ | ideal | fwd ms | fwd speedup | fwd ratio | fwd+bwd ms "
+    "| fwd+bwd speedup | fwd+bwd ratio |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
+
+  def ms(r, kind):
+    return f"{r[f'dense_{kind}_s'] * 1e3:.1f} / {r[f'{kind}_s'] * 1e3:.1f} ({r[f'{kind}_batch']})"
+
   for r in rows:
     lines.append(
       f"| {r['T']} | {r['pattern']} | 1/{round(1 / r['target_density'])} | "
-      f"{r['ideal_speedup']:.2f} | {r['fwd_speedup']:.2f} | {r['fwd_ratio']:.2f} | "
-      f"{r['fwd_bwd_speedup']:.2f} | {r['fwd_bwd_ratio']:.2f} |"
+      f"{r['ideal_speedup']:.2f} | {ms(r, 'fwd')} | {r['fwd_speedup']:.2f} | "
+      f"{r['fwd_ratio']:.2f} | {ms(r, 'fwd_bwd')} | {r['fwd_bwd_speedup']:.2f} | "
+      f"{r['fwd_bwd_ratio']:.2f} |"
     )
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
   plot(rows, out.with_suffix(".png"))

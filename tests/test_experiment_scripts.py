@@ -122,10 +122,32 @@ def test_bench_sparse_pinned_processes_merge_the_slowest(tmp_path):
   for r in rows:
     assert len(r["per_process_ratios"]) == 2
     assert r["fwd_s"] > 0 and r["dense_fwd_bwd_s"] > 0
-    assert r["fwd_bwd_speedup"] == pytest.approx(r["dense_fwd_bwd_s"] / r["fwd_bwd_s"])
+    rounds = r["fwd_bwd_rounds"]  # one round: its dense time over its batch's mean
+    assert r["fwd_bwd_speedup"] == pytest.approx(rounds["dense"][0] / np.mean(rounds["sparse"][0]))
   assert "2 processes each pinned to one core" in (tmp_path / "bsp.md").read_text()
   with pytest.raises(SystemExit, match="dividing N=8"):
     bench_sparse.main(["--ts=256", "--processes=3", f"--out={tmp_path / 'x'}"])
+
+
+def test_bench_sparse_rounds_merge_per_call_and_pair_each_round():
+  """Workers' rounds merge call by call (the slower worker's time); the speedup is the
+  median over rounds of dense / mean(batch), not the ratio of the median times."""
+
+  def cell(dense, sparse, tiles):
+    return {"causal_tiles": 32, "tiles": tiles, "fwd_ratio": 0, "fwd_bwd_ratio": 0} | {
+      f"{kind}_rounds": {"dense": dense, "sparse": sparse} for kind in bench_sparse.KINDS
+    }
+
+  a = cell([10.0, 20.0, 12.0], [[1.0, 3.0], [4.0, 4.0], [1.0, 1.0]], tiles=4)
+  b = cell([11.0, 18.0, 12.0], [[2.0, 1.0], [5.0, 3.0], [1.5, 1.0]], tiles=8)
+  row = bench_sparse.merge_cells([a, b])
+  assert row["fwd_rounds"]["dense"] == [11.0, 20.0, 12.0]
+  assert row["fwd_rounds"]["sparse"] == [[2.0, 3.0], [5.0, 4.0], [1.5, 1.0]]
+  # Per-round speedups 11/2.5 = 4.4, 20/4.5 = 4.44, 12/1.25 = 9.6 -> median 4.44.
+  assert row["fwd_speedup"] == pytest.approx(20 / 4.5)
+  assert row["dense_fwd_s"] == 12.0 and row["fwd_s"] == 2.5 and row["fwd_batch"] == 2
+  assert row["tiles"] == 6.0 and row["ideal_speedup"] == pytest.approx(32 / 6)
+  assert row["fwd_ratio"] == pytest.approx(20 / 4.5 / (32 / 6))
 
 
 def test_bench_attention_per_core_worker_splits_the_cpu(tmp_path):
