@@ -64,13 +64,17 @@ def test_all_blocks_is_causal(rng):
 
 # The xla path's tiles (longheads.selection_xla_tile): (37, 6) on a multi-core device, the
 # default tiles; (260, 4): 65 chunks >= 32 x top_k, chunk-granular tiles of 64 tokens (the
-# last one padded); (300, 5) on a device with one core: chunk tiles of 130 tokens.
+# last one padded); (300, 5) on a device with one core: chunk tiles of 130 tokens. top_k = 1
+# (the own block alone) runs as a block-diagonal causal mask, here 9 blocks of 11 + a part.
 # packed: a per-example SegmentMask (heads vmapped); not packed: (example, head) pairs
 # folded into the batch of one call (longheads.attend_selected_chunks).
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("T, block, cores", [(37, 6, 2.0), (260, 4, 2.0), (300, 5, 1.0)])
+@pytest.mark.parametrize(
+  "T, block, cores, top_k",
+  [(37, 6, 2.0, 2), (260, 4, 2.0, 2), (300, 5, 1.0, 2), (103, 11, 2.0, 1)],
+)
 def test_blocked_equals_dense_masked_reference_with_gradients(
-  rng, monkeypatch, T, block, cores, packed
+  rng, monkeypatch, T, block, cores, top_k, packed
 ):
   monkeypatch.setattr(xla_lib, "cpu_cores_per_device", lambda: cores)
   q, k, v = qkv(rng, T=T, dtype=jnp.float64)
@@ -79,7 +83,9 @@ def test_blocked_equals_dense_masked_reference_with_gradients(
     ids = jnp.ones_like(ids)
   seg = SegmentMask(ids, ids) if packed else None
   w = normal(jax.random.fold_in(rng, 3), q.shape, jnp.float64)
-  _, sel = moba_lib.moba(q, k, v, moba_block=block, moba_top_k=2, mask=seg, return_selection=True)
+  _, sel = moba_lib.moba(
+    q, k, v, moba_block=block, moba_top_k=top_k, mask=seg, return_selection=True
+  )
   visible = moba_lib.selection_mask_dense(sel, block, T)
   if packed:
     visible = visible & np.asarray(seg.dense(T, T))[:, None]
@@ -99,7 +105,9 @@ def test_blocked_equals_dense_masked_reference_with_gradients(
     return jnp.sum(fn(*args) * w)
 
   def fast(q, k, v):
-    return moba_lib.moba(q, k, v, moba_block=block, moba_top_k=2, mask=seg, implementation="xla")
+    return moba_lib.moba(
+      q, k, v, moba_block=block, moba_top_k=top_k, mask=seg, implementation="xla"
+    )
 
   want, want_g = jax.value_and_grad(lambda *a: loss(dense, *a), (0, 1, 2))(q, k, v)
   f32 = [a.astype(jnp.float32) for a in (q, k, v)]

@@ -11,8 +11,9 @@ gate scores every block by s_c = q · mean(K_c) in float32 (the last block avera
 keys). Blocks after the query's own block are excluded; the own block is always selected and
 attended causally; the best k − 1 earlier blocks by the gate complete the selection (our
 reading of the top-k convention: k counts the own block). With k >= nC every visible block
-is selected and MoBA is causal attention. The gate is a selection, not a weighting: no
-gradient flows through it.
+is selected and MoBA is causal attention; with k = 1 it is block-diagonal causal attention
+(run as a ``ChunkedCausalMask`` on the xla / reference paths). The gate is a selection, not
+a weighting: no gradient flows through it.
 
 Selection is separate from attention (DESIGN.md): ``moba_select`` returns the selected
 blocks ``[B, N, T, nC]`` per query token (so a decode step equals the last row of a full
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from attn_jax.attention import _checks, registry
+from attn_jax.attention import api as api_lib
 from attn_jax.attention import block_sparse as block_sparse_lib
 from attn_jax.attention import longheads as longheads_lib
 from attn_jax.attention import masks as masks_lib
@@ -118,6 +120,24 @@ def moba(
   if mask is not None:
     mask.check_shapes(dims.B, dims.T, dims.S)
   selected = moba_select(q_BTNH, k_BSKH, block=moba_block, top_k=moba_top_k)
+  if moba_top_k == 1:
+    # The own block alone, causally: a static block-diagonal causal mask, whose tile lists
+    # are host constants (no per-head selection to read in the tiles). Measured on one
+    # pinned core, 4 heads, T = 4096, block 128, forward: 13.3 vs 15.1 ms (medians of 60).
+    own = masks_lib.ChunkedCausalMask(moba_block)
+    tiles = {}
+    if impl == "xla":
+      tile = longheads_lib.selection_tile(moba_block)
+      tiles = {"block_q": tile, "block_kv": tile}
+    out = api_lib.dot_product_attention(
+      q_BTNH,
+      k_BSKH,
+      v_BSKV,
+      mask=own if mask is None else own & mask,
+      implementation=impl,
+      **tiles,
+    )
+    return (out, selected) if return_selection else out
   base = masks_lib.CausalMask() if mask is None else masks_lib.CausalMask() & mask
   out = longheads_lib.attend_selected_chunks(
     q_BTNH, k_BSKH, v_BSKV, selected, moba_block, base, impl, moba_top_k
