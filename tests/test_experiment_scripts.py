@@ -104,6 +104,26 @@ def test_bench_sparse_runs_and_counts_tiles(tmp_path):
   assert "split into 2 devices" in (tmp_path / "bs2.md").read_text()
 
 
+def test_bench_sparse_kernel_path_runs(tmp_path):
+  """The script's kernel path (run on a TPU / GPU with pallas_tpu / pallas_gpu), here with
+  the TPU kernels simulated: dense causal on the flash kernel, the window and the random
+  pattern on the block-sparse kernel, counted at the benchmark's block."""
+  rows = bench_sparse.main(
+    [
+      "--ts=256",
+      "--densities=4",
+      "--block=128",
+      "--reps=1",
+      "--patterns=sliding_window,block_sparse",
+      "--implementation=pallas_interpret",
+      f"--out={tmp_path / 'bk'}",
+    ]
+  )
+  assert [r["pattern"] for r in rows] == ["sliding_window", "block_sparse"]
+  assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 and r["causal_tiles"] == 3 for r in rows)
+  assert "implementation pallas_interpret" in (tmp_path / "bk.md").read_text()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers")
 def test_bench_sparse_pinned_processes_merge_the_slowest(tmp_path):
   """--processes=2: two pinned workers with 4 heads each; a cell's time is the slower one's."""
