@@ -19,7 +19,13 @@ How it works:
   * Per-example lists (batched masks): each q block's kv loop runs the batch's longest
     list, masking the tiles past an example's own (a vmapped loop with per-example trip
     counts would select between old and new dk/dv, whole arrays, at every step).
-  * GQA/MQA without repeating K/V: the tile holds the G query heads of one kv head.
+  * Every head of a q block at once, in the arrays' natural [B, T, heads, H] layout: a q
+    block and a kv block of all heads are contiguous slabs, so the forward makes no pass
+    re-laying q / k / v / out by heads (at T = 16384, where those arrays outgrow the
+    cache, such passes cost a low-density forward a quarter of its time). GQA/MQA without
+    repeating K/V: a tile's logits are [K, G, bq, bk], kv head k serving its G query heads.
+  * The backward reads q / k / v / dout head-major (one pass each per call) and keeps dk /
+    dv head-major, so each tile's products and updates touch contiguous rows per head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
     per q block, dk/dv/bias-gradients scattered into their blocks). A dense bias's
@@ -146,13 +152,17 @@ def blocked_attention(
   masked = not isinstance(mask, masks_lib.FullMask)
 
   def pad_to(x, axis, length):
+    if x.shape[axis] == length:
+      return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, widths)
 
-  q_BKGTH = pad_to(q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).astype(dtype), 3, Tp)
-  k_BKSH = pad_to(k.transpose(0, 2, 1, 3).astype(dtype), 2, Sp)
-  v_BKSV = pad_to(v.transpose(0, 2, 1, 3).astype(dtype), 2, Sp)
+  # The arrays keep their natural [B, T, heads, H] layout: a q block (or kv block) of all
+  # heads is one contiguous slab, so no pass re-lays q / k / v / out by heads per call.
+  q_BTKGH = pad_to(q.reshape(B, T, K, G, H).astype(dtype), 1, Tp)
+  k_BSKH = pad_to(k.astype(dtype), 1, Sp)
+  v_BSKV = pad_to(v.astype(dtype), 1, Sp)
 
   dense_bias, bias_fn, bias_axes = None, None, None
   if isinstance(bias, biases_lib.ScoreBias):
@@ -180,46 +190,42 @@ def blocked_attention(
     lists_batched=lists[0].ndim == 2,
     signed=bool(signed),
   )
-  out_BKGTV, lse_BKGT = _flash(
-    cfg, q_BKGTH, k_BKSH, v_BKSV, dense_bias, bias_fn, sinks_KG, mask, lists
+  out_BTKGV, lse_BKGT = _flash(
+    cfg, q_BTKGH, k_BSKH, v_BSKV, dense_bias, bias_fn, sinks_KG, mask, lists
   )
-  out = out_BKGTV[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, Hv).astype(q.dtype)
+  out = out_BTKGV[:, :T].reshape(B, T, N, Hv).astype(q.dtype)
   if return_lse:
     return out, lse_BKGT[..., :T].reshape(B, N, T)
   return out
 
 
 # ---------------------------------------------------------------------------------------
-# Per-(example, kv-head) tile functions.
+# Per-example tile functions (every head of one q block at once).
 # ---------------------------------------------------------------------------------------
 
 
-def _tile_logits(cfg, q_GqH, k_kH, bias_Gqk, bias_fn, heads_G, q_idx, kv_idx, transposed):
-  """(raw logits scale·q·k, logits after softcap and bias) of one tile.
+def _tile_logits(cfg, q_KGqH, k_kKH, bias_KGqk, bias_fn, q_idx, kv_idx, transposed):
+  """(raw logits scale·q·k, logits after softcap and bias) of one tile, all heads.
 
-  Layout [G, bq, bk] for the forward, or [bk, G, bq] (``transposed``) for the backward,
-  where every large product then reads its operands in their natural layout.
+  Layout [K, G, bq, bk] for the forward (k tile [bk, K, H]), or [K, bk, G, bq]
+  (``transposed``, k tile [K, bk, H]) for the backward, where every large product then
+  reads its operands as stored.
   """
+  K, G, bq, _ = q_KGqH.shape
   if transposed:
-    G, bq, H = q_GqH.shape
-    raw = (k_kH @ q_GqH.reshape(G * bq, H).T).reshape(-1, G, bq) * cfg.scale
+    raw = jnp.einsum("ksh,kgqh->ksgq", k_kKH, q_KGqH) * cfg.scale
   else:
-    raw = _rows_matmul(q_GqH, k_kH.T) * cfg.scale
+    raw = jnp.einsum("kgqh,skh->kgqs", q_KGqH, k_kKH) * cfg.scale
   s = raw
   if cfg.softcap is not None:
     s = cfg.softcap * jnp.tanh(raw / cfg.softcap)
   if bias_fn is not None:
-    fn_Gqk = bias_fn(heads_G, q_idx + cfg.q_offset, kv_idx).astype(s.dtype)
-    bias_Gqk = fn_Gqk if bias_Gqk is None else bias_Gqk + fn_Gqk
-  if bias_Gqk is not None:
-    s = s + (bias_Gqk.transpose(2, 0, 1) if transposed else bias_Gqk)
+    fn_Nqk = bias_fn(jnp.arange(K * G), q_idx + cfg.q_offset, kv_idx).astype(s.dtype)
+    fn_KGqk = fn_Nqk.reshape(K, G, bq, -1)
+    bias_KGqk = fn_KGqk if bias_KGqk is None else bias_KGqk + fn_KGqk
+  if bias_KGqk is not None:
+    s = s + (bias_KGqk.transpose(0, 3, 1, 2) if transposed else bias_KGqk)
   return raw, s
-
-
-def _rows_matmul(x_Gqa, y_ab):
-  """[G, bq, a] @ [a, b] with the G query heads stacked as rows of one matmul."""
-  G, bq, a = x_Gqa.shape
-  return (x_Gqa.reshape(G * bq, a) @ y_ab).reshape(G, bq, -1)
 
 
 def _apply_mask(cfg, s, is_full, mask, b, q_idx, kv_idx, transposed):
@@ -228,41 +234,43 @@ def _apply_mask(cfg, s, is_full, mask, b, q_idx, kv_idx, transposed):
     q_grid, kv_grid = q_idx[None, :], kv_idx[:, None]  # [bk, bq]
   else:
     q_grid, kv_grid = q_idx[:, None], kv_idx[None, :]  # [bq, bk]
-  in_range = kv_grid < cfg.S
-  visible = in_range
+  visible = None
+  if cfg.S % cfg.block_kv:  # the last kv block has a padded tail
+    visible = kv_grid < cfg.S
   if cfg.masked:
     # A branch (lax.cond) on is_full would skip this arithmetic but costs a tile copy on
     # the XLA CPU backend, which is slower than the fused compare measured here.
-    visible = in_range & (
-      is_full | mask.visible(q_grid, kv_grid, q_offset=cfg.q_offset, batch_index=b)
-    )
-  visible = visible[:, None, :] if transposed else visible[None]
+    listed = is_full | mask.visible(q_grid, kv_grid, q_offset=cfg.q_offset, batch_index=b)
+    visible = listed if visible is None else visible & listed
+  if visible is None:
+    return s
+  visible = visible[None, :, None, :] if transposed else visible[None, None]
   return jnp.where(visible, s, -jnp.inf)
 
 
 def _bias_tile(cfg, dense_bias, qi, kb):
-  """The [G', bq', bk'] slice of the (broadcast) dense bias for tile (qi, kb)."""
+  """The [K', G', bq', bk'] slice of one example's (broadcast) dense bias for tile (qi, kb)."""
   if dense_bias is None:
     return None
   _, _, _, full_t, full_s = cfg.bias_axes
   tile = dense_bias
   if full_t:
-    tile = jax.lax.dynamic_slice_in_dim(tile, qi * cfg.block_q, cfg.block_q, axis=1)
+    tile = jax.lax.dynamic_slice_in_dim(tile, qi * cfg.block_q, cfg.block_q, axis=2)
   if full_s:
-    tile = jax.lax.dynamic_slice_in_dim(tile, kb * cfg.block_kv, cfg.block_kv, axis=2)
+    tile = jax.lax.dynamic_slice_in_dim(tile, kb * cfg.block_kv, cfg.block_kv, axis=3)
   return tile
 
 
 class _Tile(NamedTuple):
-  """What a q block needs to load any of its kv tiles."""
+  """What a q block needs to load any of its kv tiles (k / v as [Sp, K, ·] for the
+  forward, head-major [K, Sp, ·] for the backward)."""
 
-  q_GqH: Array
+  q_KGqH: Array
   q_idx: Array
-  k_SH: Array
-  v_SV: Array
+  k: Array
+  v: Array
   dense_bias: Array | None
   bias_fn: object
-  heads_G: Array
   mask: object
   b: Array
   index_QM: Array
@@ -273,154 +281,169 @@ def _load_tile(cfg, tile, qi, j, transposed):
   """The j-th listed kv tile of q block qi: (k, v, kv_idx, raw logits, masked logits)."""
   bk = cfg.block_kv
   kb = tile.index_QM[qi, j]
-  k_kH = jax.lax.dynamic_slice_in_dim(tile.k_SH, kb * bk, bk, axis=0)  # [bk, H]
-  v_kV = jax.lax.dynamic_slice_in_dim(tile.v_SV, kb * bk, bk, axis=0)  # [bk, Hv]
+  axis = 1 if transposed else 0
+  k_tile = jax.lax.dynamic_slice_in_dim(tile.k, kb * bk, bk, axis=axis)
+  v_tile = jax.lax.dynamic_slice_in_dim(tile.v, kb * bk, bk, axis=axis)
   kv_idx = kb * bk + jnp.arange(bk)
   bias = _bias_tile(cfg, tile.dense_bias, qi, kb)
   raw, s = _tile_logits(
-    cfg, tile.q_GqH, k_kH, bias, tile.bias_fn, tile.heads_G, tile.q_idx, kv_idx, transposed
+    cfg, tile.q_KGqH, k_tile, bias, tile.bias_fn, tile.q_idx, kv_idx, transposed
   )
   is_full = tile.full_QM[qi, j]
   s = _apply_mask(cfg, s, is_full, tile.mask, tile.b, tile.q_idx, kv_idx, transposed)
-  return k_kH, v_kV, kv_idx, raw, s
+  return k_tile, v_tile, kv_idx, raw, s
 
 
-def _forward_one(cfg, q_GTH, k_SH, v_SV, dense_bias, bias_fn, sinks_G, mask, lists, b, kh, trips_Q):
+def _q_rows(x_TKGA, qi, bq):
+  """Rows [qi·bq, (qi+1)·bq) of a [Tp, K, G, A] array, as [K, G, bq, A] (an in-cache copy)."""
+  return jax.lax.dynamic_slice_in_dim(x_TKGA, qi * bq, bq, axis=0).transpose(1, 2, 0, 3)
+
+
+def _forward_one(cfg, q_TKGH, k_SKH, v_SKV, dense_bias, bias_fn, sinks_KG, mask, lists, b, trips_Q):
   count_Q, index_QM, full_QM = lists
-  G = q_GTH.shape[0]
-  Hv = v_SV.shape[-1]
+  _, K, G, _ = q_TKGH.shape
+  Hv = v_SKV.shape[-1]
   bq = cfg.block_q
-  heads_G = kh * G + jnp.arange(G)
 
   def q_block(qi):
-    q_GqH = jax.lax.dynamic_slice_in_dim(q_GTH, qi * bq, bq, axis=1)
+    q_KGqH = _q_rows(q_TKGH, qi, bq)
     q_idx = qi * bq + jnp.arange(bq)
-    tile = _Tile(q_GqH, q_idx, k_SH, v_SV, dense_bias, bias_fn, heads_G, mask, b, index_QM, full_QM)
+    tile = _Tile(q_KGqH, q_idx, k_SKH, v_SKV, dense_bias, bias_fn, mask, b, index_QM, full_QM)
 
     def kv_step(j, carry, past_list_possible=cfg.lists_batched):
-      m_Gq, l_Gq, acc_GqV = carry
-      _, v_kV, _, _, s_Gqk = _load_tile(cfg, tile, qi, j, transposed=False)
+      m_KGq, l_KGq, acc_KGqV = carry
+      _, v_kKV, _, _, s_KGqk = _load_tile(cfg, tile, qi, j, transposed=False)
       if past_list_possible:  # a row may list fewer tiles than the trip count
-        s_Gqk = jnp.where(j < count_Q[qi], s_Gqk, -jnp.inf)
-      e_Gqk = _magnitude(s_Gqk) if cfg.signed else s_Gqk  # what the exponentials see
-      m_new_Gq = jnp.maximum(m_Gq, e_Gqk.max(-1))
-      m_safe_Gq = jnp.where(m_new_Gq == -jnp.inf, 0.0, m_new_Gq)
-      p_Gqk = jnp.exp(e_Gqk - m_safe_Gq[..., None])  # [G, bq, bk]
-      correction_Gq = jnp.exp(m_Gq - m_safe_Gq)
-      l_Gq = correction_Gq * l_Gq + p_Gqk.sum(-1)
+        s_KGqk = jnp.where(j < count_Q[qi], s_KGqk, -jnp.inf)
+      e_KGqk = _magnitude(s_KGqk) if cfg.signed else s_KGqk  # what the exponentials see
+      m_new_KGq = jnp.maximum(m_KGq, e_KGqk.max(-1))
+      m_safe_KGq = jnp.where(m_new_KGq == -jnp.inf, 0.0, m_new_KGq)
+      p_KGqk = jnp.exp(e_KGqk - m_safe_KGq[..., None])
+      correction_KGq = jnp.exp(m_KGq - m_safe_KGq)
+      l_KGq = correction_KGq * l_KGq + p_KGqk.sum(-1)
       if cfg.signed:
-        p_Gqk = jnp.sign(s_Gqk) * p_Gqk
-      acc_GqV = correction_Gq[..., None] * acc_GqV + _rows_matmul(p_Gqk, v_kV)
-      return m_new_Gq, l_Gq, acc_GqV
+        p_KGqk = jnp.sign(s_KGqk) * p_KGqk
+      pv_KGqV = jnp.einsum("kgqs,skv->kgqv", p_KGqk, v_kKV)
+      acc_KGqV = correction_KGq[..., None] * acc_KGqV + pv_KGqV
+      return m_new_KGq, l_KGq, acc_KGqV
 
     empty = (
-      jnp.full((G, bq), -jnp.inf, q_GTH.dtype),
-      jnp.zeros((G, bq), q_GTH.dtype),
-      jnp.zeros((G, bq, Hv), q_GTH.dtype),
+      jnp.full((K, G, bq), -jnp.inf, q_TKGH.dtype),
+      jnp.zeros((K, G, bq), q_TKGH.dtype),
+      jnp.zeros((K, G, bq, Hv), q_TKGH.dtype),
     )
     # The first tile runs outside the loop (a one-tile row runs no loop iteration); a row
     # listing nothing sees its padding entry fully masked.
     init = kv_step(0, empty, past_list_possible=True)
-    m_Gq, l_Gq, acc_GqV = jax.lax.fori_loop(1, trips_Q[qi], kv_step, init)
+    m_KGq, l_KGq, acc_KGqV = jax.lax.fori_loop(1, trips_Q[qi], kv_step, init)
     if cfg.has_sinks:
-      sink_G1 = sinks_G[:, None]
-      m_fin_Gq = jnp.maximum(m_Gq, sink_G1)
-      correction_Gq = jnp.exp(m_Gq - m_fin_Gq)
-      l_Gq = correction_Gq * l_Gq + jnp.exp(sink_G1 - m_fin_Gq)
-      acc_GqV = correction_Gq[..., None] * acc_GqV
-      m_Gq = m_fin_Gq
-    empty_Gq = l_Gq == 0
-    safe_l_Gq = jnp.where(empty_Gq, 1.0, l_Gq)
-    out_GqV = acc_GqV / safe_l_Gq[..., None]
-    lse_Gq = jnp.where(empty_Gq, -jnp.inf, m_Gq + jnp.log(safe_l_Gq))
-    return out_GqV, lse_Gq
+      sink_KG1 = sinks_KG[..., None]
+      m_fin_KGq = jnp.maximum(m_KGq, sink_KG1)
+      correction_KGq = jnp.exp(m_KGq - m_fin_KGq)
+      l_KGq = correction_KGq * l_KGq + jnp.exp(sink_KG1 - m_fin_KGq)
+      acc_KGqV = correction_KGq[..., None] * acc_KGqV
+      m_KGq = m_fin_KGq
+    empty_KGq = l_KGq == 0
+    safe_l_KGq = jnp.where(empty_KGq, 1.0, l_KGq)
+    out_KGqV = acc_KGqV / safe_l_KGq[..., None]
+    lse_KGq = jnp.where(empty_KGq, -jnp.inf, m_KGq + jnp.log(safe_l_KGq))
+    return out_KGqV.transpose(2, 0, 1, 3), lse_KGq  # rows back in [bq, K, G, Hv]
 
-  out_QGqV, lse_QGq = jax.lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
-  out_GTV = out_QGqV.transpose(1, 0, 2, 3).reshape(G, -1, Hv)
-  lse_GT = lse_QGq.transpose(1, 0, 2).reshape(G, -1)
-  return out_GTV, lse_GT
+  out_QqKGV, lse_QKGq = jax.lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
+  out_TKGV = out_QqKGV.reshape(-1, K, G, Hv)
+  lse_KGT = lse_QKGq.transpose(1, 2, 0, 3).reshape(K, G, -1)
+  return out_TKGV, lse_KGT
 
 
 def _backward_one(
   cfg,
-  q_GTH,
-  k_SH,
-  v_SV,
+  q_TKGH,
+  k_SKH,
+  v_SKV,
   dense_bias,
   bias_fn,
-  sinks_G,
+  sinks_KG,
   mask,
   lists,
   b,
-  kh,
-  delta_GT,
-  lse_GT,
-  dout_GTV,
+  delta_KGT,
+  lse_KGT,
+  dout_TKGV,
   trips_Q,
 ):
   count_Q, index_QM, full_QM = lists
-  G, Tp, H = q_GTH.shape
+  _, K, G, H = q_TKGH.shape
+  Hv = v_SKV.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   R = G * bq
-  heads_G = kh * G + jnp.arange(G)
   # Fully masked rows have lse = -inf and only -inf logits: exp(-inf - 0) = 0, no NaN.
-  lse_GT = jnp.where(lse_GT == -jnp.inf, 0.0, lse_GT)
+  lse_KGT = jnp.where(lse_KGT == -jnp.inf, 0.0, lse_KGT)
+  # Head-major k / v and dk / dv accumulators: every tile product and every dk / dv
+  # update then reads or writes contiguous [bk, ·] rows per head (two passes each way per
+  # call, against a transpose in every tile).
+  k_KSH, v_KSV = k_SKH.transpose(1, 0, 2), v_SKV.transpose(1, 0, 2)
+  q_KGTH, dout_KGTV = q_TKGH.transpose(1, 2, 0, 3), dout_TKGV.transpose(1, 2, 0, 3)
 
   def q_block(carry, qi):
-    dk_SH, dv_SV, dbias, dfn = carry
-    q_GqH = jax.lax.dynamic_slice_in_dim(q_GTH, qi * bq, bq, axis=1)
-    do_GqV = jax.lax.dynamic_slice_in_dim(dout_GTV, qi * bq, bq, axis=1)
-    lse_Gq = jax.lax.dynamic_slice_in_dim(lse_GT, qi * bq, bq, axis=1)
-    delta_R = jax.lax.dynamic_slice_in_dim(delta_GT, qi * bq, bq, axis=1).reshape(R)
-    q_RH, do_RV = q_GqH.reshape(R, H), do_GqV.reshape(R, -1)
+    dk_KSH, dv_KSV, dbias, dfn = carry
+    q_KGqH = jax.lax.dynamic_slice_in_dim(q_KGTH, qi * bq, bq, axis=2)
+    do_KGqV = jax.lax.dynamic_slice_in_dim(dout_KGTV, qi * bq, bq, axis=2)
+    lse_KGq = jax.lax.dynamic_slice_in_dim(lse_KGT, qi * bq, bq, axis=2)
+    delta_KR = jax.lax.dynamic_slice_in_dim(delta_KGT, qi * bq, bq, axis=2).reshape(K, R)
+    q_KRH, do_KRV = q_KGqH.reshape(K, R, H), do_KGqV.reshape(K, R, Hv)
     q_idx = qi * bq + jnp.arange(bq)
-    tile = _Tile(q_GqH, q_idx, k_SH, v_SV, dense_bias, bias_fn, heads_G, mask, b, index_QM, full_QM)
+    tile = _Tile(q_KGqH, q_idx, k_KSH, v_KSV, dense_bias, bias_fn, mask, b, index_QM, full_QM)
 
     def kv_step(j, inner):
-      dqT_HGq, dk_SH, dv_SV, dbias, dfn = inner
+      dqT_KHR, dk_KSH, dv_KSV, dbias, dfn = inner
       kb = index_QM[qi, j]
-      k_kH, v_kV, kv_idx, raw_kGq, s_kGq = _load_tile(cfg, tile, qi, j, transposed=True)
+      k_KkH, v_KkV, kv_idx, raw_KkGq, s_KkGq = _load_tile(cfg, tile, qi, j, transposed=True)
       if cfg.lists_batched:  # rows of the batch list fewer tiles than the trip count
-        s_kGq = jnp.where(j < count_Q[qi], s_kGq, -jnp.inf)
+        s_KkGq = jnp.where(j < count_Q[qi], s_KkGq, -jnp.inf)
       if cfg.signed:  # a = exp(|s| - lse), p = sign(s)·a: ds = a·(dp − sign(s)·delta)
-        a_kR = jnp.exp(_magnitude(s_kGq) - lse_Gq[None]).reshape(bk, R)
-        sign_kR = jnp.sign(s_kGq).reshape(bk, R)
-        dv_kV = (sign_kR * a_kR) @ do_RV
-        dp_kR = v_kV @ do_RV.T
-        ds_kR = a_kR * (dp_kR - sign_kR * delta_R[None])
+        a_KkR = jnp.exp(_magnitude(s_KkGq) - lse_KGq[:, None]).reshape(K, bk, R)
+        sign_KkR = jnp.sign(s_KkGq).reshape(K, bk, R)
+        dv_KkV = jnp.einsum("ksr,krv->ksv", sign_KkR * a_KkR, do_KRV)
+        dp_KkR = jnp.einsum("ksv,krv->ksr", v_KkV, do_KRV)
+        ds_KkR = a_KkR * (dp_KkR - sign_KkR * delta_KR[:, None])
       else:
-        p_kR = jnp.exp(s_kGq - lse_Gq[None]).reshape(bk, R)  # [bk, G*bq]
-        dv_kV = p_kR @ do_RV
-        dp_kR = v_kV @ do_RV.T
-        ds_kR = p_kR * (dp_kR - delta_R[None])  # d loss / d (logit after bias)
+        p_KkR = jnp.exp(s_KkGq - lse_KGq[:, None]).reshape(K, bk, R)  # [K, bk, G*bq]
+        dv_KkV = jnp.einsum("ksr,krv->ksv", p_KkR, do_KRV)
+        dp_KkR = jnp.einsum("ksv,krv->ksr", v_KkV, do_KRV)
+        ds_KkR = p_KkR * (dp_KkR - delta_KR[:, None])  # d loss / d (logit after bias)
       if dbias is not None or dfn is not None:
-        ds_Gqk = ds_kR.reshape(bk, G, bq).transpose(1, 2, 0)
+        ds_KGqk = ds_KkR.reshape(K, bk, G, bq).transpose(0, 2, 3, 1)
         if dbias is not None:
-          dbias = _scatter_bias_grad(cfg, dbias, ds_Gqk, qi, kb)
+          dbias = _scatter_bias_grad(cfg, dbias, ds_KGqk, qi, kb)
         if dfn is not None:
-          fn_out, fn_vjp = jax.vjp(lambda fn: fn(heads_G, q_idx + cfg.q_offset, kv_idx), bias_fn)
-          (dfn_tile,) = fn_vjp(ds_Gqk.astype(fn_out.dtype))
+          fn_out, fn_vjp = jax.vjp(
+            lambda fn: fn(jnp.arange(K * G), q_idx + cfg.q_offset, kv_idx), bias_fn
+          )
+          (dfn_tile,) = fn_vjp(ds_KGqk.reshape(fn_out.shape).astype(fn_out.dtype))
           dfn = jax.tree.map(jnp.add, dfn, dfn_tile)
       if cfg.softcap is not None:
-        ds_kR = ds_kR * (1.0 - jnp.square(jnp.tanh(raw_kGq.reshape(bk, R) / cfg.softcap)))
-      ds_kR = ds_kR * cfg.scale
-      dqT_HGq = dqT_HGq + k_kH.T @ ds_kR  # [H, G*bq]: transposed so ds is read as stored
-      dk_SH = _add_block(dk_SH, ds_kR @ q_RH, kb * bk)
-      dv_SV = _add_block(dv_SV, dv_kV, kb * bk)
-      return dqT_HGq, dk_SH, dv_SV, dbias, dfn
+        tanh_KkR = jnp.tanh(raw_KkGq.reshape(K, bk, R) / cfg.softcap)
+        ds_KkR = ds_KkR * (1.0 - jnp.square(tanh_KkR))
+      ds_KkR = ds_KkR * cfg.scale
+      # dq transposed ([K, H, G*bq]) so ds is read as stored.
+      dqT_KHR = dqT_KHR + jnp.einsum("ksh,ksr->khr", k_KkH, ds_KkR)
+      dk_KSH = _add_block(dk_KSH, jnp.einsum("ksr,krh->ksh", ds_KkR, q_KRH), kb * bk)
+      dv_KSV = _add_block(dv_KSV, dv_KkV, kb * bk)
+      return dqT_KHR, dk_KSH, dv_KSV, dbias, dfn
 
-    init = (jnp.zeros((H, R), q_GTH.dtype), dk_SH, dv_SV, dbias, dfn)
-    dqT_HR, dk_SH, dv_SV, dbias, dfn = jax.lax.fori_loop(0, trips_Q[qi], kv_step, init)
-    return (dk_SH, dv_SV, dbias, dfn), dqT_HR.T.reshape(G, bq, H)
+    init = (jnp.zeros((K, H, R), q_TKGH.dtype), dk_KSH, dv_KSV, dbias, dfn)
+    dqT_KHR, dk_KSH, dv_KSV, dbias, dfn = jax.lax.fori_loop(0, trips_Q[qi], kv_step, init)
+    dq_qKGH = dqT_KHR.reshape(K, H, G, bq).transpose(3, 0, 2, 1)
+    return (dk_KSH, dv_KSV, dbias, dfn), dq_qKGH
 
   dbias0 = None if dense_bias is None else jnp.zeros_like(dense_bias)
   dfn0 = None if bias_fn is None else jax.tree.map(jnp.zeros_like, bias_fn)
-  carry0 = (jnp.zeros_like(k_SH), jnp.zeros_like(v_SV), dbias0, dfn0)
-  (dk_SH, dv_SV, dbias, dfn), dq_QGqH = jax.lax.scan(
+  carry0 = (jnp.zeros_like(k_KSH), jnp.zeros_like(v_KSV), dbias0, dfn0)
+  (dk_KSH, dv_KSV, dbias, dfn), dq_QqKGH = jax.lax.scan(
     q_block, carry0, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32)
   )
-  dq_GTH = dq_QGqH.transpose(1, 0, 2, 3).reshape(G, Tp, H)
-  return dq_GTH, dk_SH, dv_SV, dbias, dfn
+  dq_TKGH = dq_QqKGH.reshape(-1, K, G, H)
+  return dq_TKGH, dk_KSH.transpose(1, 0, 2), dv_KSV.transpose(1, 0, 2), dbias, dfn
 
 
 def _magnitude(s):
@@ -429,67 +452,58 @@ def _magnitude(s):
 
 
 def _add_block(x, update, start):
-  current = jax.lax.dynamic_slice_in_dim(x, start, update.shape[0], axis=0)
-  return jax.lax.dynamic_update_slice_in_dim(x, current + update, start, axis=0)
+  """x[:, start : start + n] += update ([K, n, ·] rows of head-major accumulators)."""
+  current = jax.lax.dynamic_slice_in_dim(x, start, update.shape[1], axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(x, current + update, start, axis=1)
 
 
-def _scatter_bias_grad(cfg, dbias, ds_Gqk, qi, kb):
-  """Adds a tile's logit gradient into the [G', Tp', Sp'] bias gradient (summing broadcasts)."""
-  _, _, full_g, full_t, full_s = cfg.bias_axes
-  tile = ds_Gqk
-  if not full_g:
-    tile = tile.sum(0, keepdims=True)
-  if not full_t:
-    tile = tile.sum(1, keepdims=True)
-  if not full_s:
-    tile = tile.sum(2, keepdims=True)
+def _scatter_bias_grad(cfg, dbias, ds_KGqk, qi, kb):
+  """Adds a tile's logit gradient into one example's [K', G', Tp', Sp'] bias gradient
+  (summing over the axes the bias broadcasts along)."""
+  _, full_k, full_g, full_t, full_s = cfg.bias_axes
+  tile = ds_KGqk
+  for axis, full in enumerate((full_k, full_g, full_t, full_s)):
+    if not full:
+      tile = tile.sum(axis, keepdims=True)
   zero = jnp.int32(0)
-  start = (zero, qi * cfg.block_q if full_t else zero, kb * cfg.block_kv if full_s else zero)
+  start = (
+    zero,
+    zero,
+    qi * cfg.block_q if full_t else zero,
+    kb * cfg.block_kv if full_s else zero,
+  )
   current = jax.lax.dynamic_slice(dbias, start, tile.shape)
   return jax.lax.dynamic_update_slice(dbias, current + tile, start)
 
 
 # ---------------------------------------------------------------------------------------
-# Batching over (B, K) and the custom_vjp.
+# Batching over B and the custom_vjp.
 # ---------------------------------------------------------------------------------------
 
 
 def _vmapped(fn, cfg, dense_bias, extra_axes=()):
-  """vmaps ``fn(cfg, q, k, v, bias, fn, sinks, mask, lists, b, kh, *extra)`` over B and K."""
-  bias_b = bias_k = None
-  if dense_bias is not None:
-    bias_b = 0 if cfg.bias_axes[0] else None
-    bias_k = 0 if cfg.bias_axes[1] else None
+  """vmaps ``fn(cfg, q, k, v, bias, fn, sinks, mask, lists, b, *extra)`` over the batch."""
+  bias_b = 0 if dense_bias is not None and cfg.bias_axes[0] else None
   lists_b = 0 if cfg.lists_batched else None
-  inner = jax.vmap(
-    functools.partial(fn, cfg), in_axes=(0, 0, 0, bias_k, None, 0, None, None, None, 0) + extra_axes
+  return jax.vmap(
+    functools.partial(fn, cfg),
+    in_axes=(0, 0, 0, bias_b, None, None, None, lists_b, 0) + extra_axes,
   )
-  outer = jax.vmap(
-    inner, in_axes=(0, 0, 0, bias_b, None, None, None, lists_b, 0, None) + extra_axes
-  )
-  return outer
 
 
-def _squeeze_bias_axes(cfg, dense_bias):
-  """Dense bias [B', K', G', Tp', Sp'] with B'/K' dropped where they broadcast (for vmap)."""
-  if dense_bias is None:
-    return None
-  if not cfg.bias_axes[1]:
-    dense_bias = dense_bias[:, 0]
-    if not cfg.bias_axes[0]:
-      dense_bias = dense_bias[0]
-  elif not cfg.bias_axes[0]:
-    dense_bias = dense_bias[0]
-  return dense_bias
+def _example_bias(cfg, dense_bias):
+  """Dense bias [B', K', G', Tp', Sp'] with B' dropped where it broadcasts (for vmap)."""
+  if dense_bias is None or cfg.bias_axes[0]:
+    return dense_bias
+  return dense_bias[0]
 
 
 def _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists):
-  B, K = q.shape[:2]
-  bias = _squeeze_bias_axes(cfg, dense_bias)
-  sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
+  B = q.shape[0]
   fwd = _vmapped(_forward_one, cfg, dense_bias, extra_axes=(None,))
   trips = _trips(cfg, lists)
-  return fwd(q, k, v, bias, bias_fn, sinks, mask, lists, jnp.arange(B), jnp.arange(K), trips)
+  bias = _example_bias(cfg, dense_bias)
+  return fwd(q, k, v, bias, bias_fn, sinks_KG, mask, lists, jnp.arange(B), trips)
 
 
 def _trips(cfg, lists):
@@ -517,37 +531,22 @@ def _flash_bwd(cfg, residuals, cotangents):
   dout = dout.astype(out.dtype)
   # d lse / d s_ij = p_ij, so an lse cotangent folds into the softmax-backward row term:
   # ds = p * (dp - delta) with delta = rowsum(dout * out) - dlse.
-  delta = (dout * out).sum(-1) - dlse.astype(out.dtype)  # [B, K, G, Tp]
-  B, K = q.shape[:2]
-  bias = _squeeze_bias_axes(cfg, dense_bias)
-  sinks = sinks_KG if sinks_KG is not None else jnp.zeros((K, 0), q.dtype)
+  delta_BTKG = (dout * out).sum(-1)
+  delta = delta_BTKG.transpose(0, 2, 3, 1) - dlse.astype(out.dtype)  # [B, K, G, Tp]
+  B = q.shape[0]
   trips = _trips(cfg, lists)
   bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0, None))
+  bias = _example_bias(cfg, dense_bias)
   dq, dk, dv, dbias, dfn = bwd(
-    q,
-    k,
-    v,
-    bias,
-    bias_fn,
-    sinks,
-    mask,
-    lists,
-    jnp.arange(B),
-    jnp.arange(K),
-    delta,
-    lse,
-    dout,
-    trips,
+    q, k, v, bias, bias_fn, sinks_KG, mask, lists, jnp.arange(B), delta, lse, dout, trips
   )
-  # dk/dv: [B, K, Sp, H] already summed over the G query heads of each kv head.
-  if dense_bias is not None:  # dbias: [B, K, G', Tp', Sp'] -> the broadcast shape
-    keep_b, keep_k = cfg.bias_axes[:2]
-    dbias = dbias.sum(
-      axis=tuple(a for a, keep in ((0, keep_b), (1, keep_k)) if not keep), keepdims=True
-    )
+  # dk/dv: [B, Sp, K, H] already summed over the G query heads of each kv head.
+  if dense_bias is not None:  # dbias: [B, K', G', Tp', Sp'] -> the broadcast shape
+    if not cfg.bias_axes[0]:
+      dbias = dbias.sum(0, keepdims=True)
     dbias = dbias.astype(dense_bias.dtype)
   if dfn is not None:
-    dfn = jax.tree.map(lambda g: g.sum((0, 1)), dfn)
+    dfn = jax.tree.map(lambda g: g.sum(0), dfn)
   dsinks = None
   if sinks_KG is not None:
     valid = jnp.arange(lse.shape[-1]) < cfg.T
