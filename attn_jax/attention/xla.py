@@ -22,15 +22,16 @@ How it works:
   * Every head of a q block at once, in the arrays' natural [B, T, heads, H] layout: a q
     block and a kv block of all heads are contiguous slabs, so the forward makes no pass
     re-laying q / k / v / out by heads (at T = 16384, where those arrays outgrow the
-    cache, such passes cost a low-density forward a quarter of its time). GQA/MQA without
+    cache, such passes cost a low-density forward a fifth to a third of its time). GQA/MQA without
     repeating K/V: a tile's logits are [K, G, bq, bk], kv head k serving its G query heads.
   * The backward reads q / k / v / dout head-major (one pass each per call) and keeps dk /
     dv head-major, so each tile's products and updates touch contiguous rows per head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
     per q block, dk/dv/bias-gradients scattered into their blocks). A dense bias's
-    gradient is accumulated per (example, kv head) before summing over broadcast axes,
-    so a bias broadcast over B or N costs B·K times its own size during the backward.
+    gradient is accumulated per example (summed over the heads, rows or columns it
+    broadcasts along inside each tile), so a bias broadcast over B costs B times its own
+    size during the backward.
 
 Differentiation: first-order reverse mode (grad, vjp) of every input, including the dense
 bias, sink logits and the parameters of a ScoreBias. Forward mode and second order are not
