@@ -35,3 +35,14 @@ def rng(request):
 
 def normal(key, shape, dtype):
   return jax.random.normal(key, shape, np.float32).astype(dtype)
+
+
+@pytest.fixture(params=["heads_first", "natural"])
+def both_xla_layouts(request, monkeypatch):
+  """Runs a test once per layout of the blocked xla path: re-laid by heads (what small
+  arrays get) and the natural [B, T, heads, H] layout (what arrays from 8 MiB on get)."""
+  from attn_jax.attention import xla
+
+  bound = 0 if request.param == "natural" else 1 << 62
+  monkeypatch.setattr(xla, "NATURAL_LAYOUT_BYTES", bound)
+  return request.param

@@ -29,6 +29,9 @@ from attn_jax.attention import (
 )
 from attn_jax.attention.registry import random_segment_ids
 
+# Every test runs in both layouts of the blocked path.
+pytestmark = pytest.mark.usefixtures("both_xla_layouts")
+
 TOL = {
   jnp.float32: dict(out=2e-5, grad=1e-4),
   jnp.bfloat16: dict(out=2e-2, grad=4e-2),

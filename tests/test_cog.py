@@ -14,6 +14,9 @@ from attn_jax.attention.reference import attention_reference
 from attn_jax.nn.attention import Attention
 
 
+# Every test runs in both layouts of the blocked path.
+pytestmark = pytest.mark.usefixtures("both_xla_layouts")
+
 def close(a, b, tol):
   np.testing.assert_allclose(
     np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol

@@ -19,13 +19,17 @@ How it works:
   * Per-example lists (batched masks): each q block's kv loop runs the batch's longest
     list, masking the tiles past an example's own (a vmapped loop with per-example trip
     counts would select between old and new dk/dv, whole arrays, at every step).
-  * Every head of a q block at once, in the arrays' natural [B, T, heads, H] layout: a q
-    block and a kv block of all heads are contiguous slabs, so the forward makes no pass
-    re-laying q / k / v / out by heads (at T = 16384, where those arrays outgrow the
-    cache, such passes cost a low-density forward a fifth to a third of its time). GQA/MQA without
-    repeating K/V: a tile's logits are [K, G, bq, bk], kv head k serving its G query heads.
-  * The backward reads q / k / v / dout head-major (one pass each per call) and keeps dk /
-    dv head-major, so each tile's products and updates touch contiguous rows per head.
+  * Every head of a q block at once: a tile's logits are [K, G, bq, bk], kv head k
+    serving its G query heads (GQA/MQA without repeating K/V).
+  * Layout by size. Arrays from ``NATURAL_LAYOUT_BYTES`` (8 MiB of q) on keep their
+    natural [B, T, heads, H] layout in the forward: a q block and a kv block of all heads
+    are contiguous slabs, and no pass re-lays q / k / v / out by heads. Such passes run
+    from memory once the arrays outgrow the cache: at T = 16384 (4 heads, one core) they
+    cost a block-sparse 1/32 forward 22% of its time and a diagonal-only one 35%.
+    Smaller arrays are re-laid by heads once per call (cheap in cache), which saves each
+    q block an in-cache transpose of its rows (3-7% at T = 4096). The backward always
+    reads q / k / v / dout head-major and keeps dk / dv head-major, so each tile's
+    products and updates touch contiguous rows per head.
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
     per q block, dk/dv/bias-gradients scattered into their blocks). A dense bias's
@@ -58,6 +62,9 @@ from attn_jax.attention import masks as masks_lib
 # Tile sizes measured fastest on a 2-core x86 CPU for H=64 (experiments/bench_attention.py).
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
+# Below this size of q (padded, in the compute dtype), the op re-lays its arrays by heads
+# once per call; from it on it works in their natural layout (module doc).
+NATURAL_LAYOUT_BYTES = 8 << 20
 
 
 def cpu_cores_per_device() -> float:
@@ -93,6 +100,7 @@ class _Config(NamedTuple):
   masked: bool  # a mask (beyond the padding of the last kv block) is present
   lists_batched: bool
   signed: bool = False  # signed weights sign(s)·exp(|s|)/Σexp(|s|) (cog attention)
+  heads_first: bool = False  # q / k / v / out laid out [B, heads, T, ·] inside the op
 
 
 def blocked_attention(
@@ -159,11 +167,14 @@ def blocked_attention(
     widths[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, widths)
 
-  # The arrays keep their natural [B, T, heads, H] layout: a q block (or kv block) of all
-  # heads is one contiguous slab, so no pass re-lays q / k / v / out by heads per call.
-  q_BTKGH = pad_to(q.reshape(B, T, K, G, H).astype(dtype), 1, Tp)
-  k_BSKH = pad_to(k.astype(dtype), 1, Sp)
-  v_BSKV = pad_to(v.astype(dtype), 1, Sp)
+  # Large arrays keep their natural [B, T, heads, H] layout (a q or kv block of all heads
+  # is one contiguous slab); small ones are re-laid by heads (module doc).
+  heads_first = B * Tp * N * H * jnp.dtype(dtype).itemsize < NATURAL_LAYOUT_BYTES
+  q_in = pad_to(q.reshape(B, T, K, G, H).astype(dtype), 1, Tp)
+  k_in = pad_to(k.astype(dtype), 1, Sp)
+  v_in = pad_to(v.astype(dtype), 1, Sp)
+  if heads_first:
+    q_in, k_in, v_in = _heads_first(q_in), _heads_first(k_in), _heads_first(v_in)
 
   dense_bias, bias_fn, bias_axes = None, None, None
   if isinstance(bias, biases_lib.ScoreBias):
@@ -190,11 +201,12 @@ def blocked_attention(
     masked=masked,
     lists_batched=lists[0].ndim == 2,
     signed=bool(signed),
+    heads_first=heads_first,
   )
-  out_BTKGV, lse_BKGT = _flash(
-    cfg, q_BTKGH, k_BSKH, v_BSKV, dense_bias, bias_fn, sinks_KG, mask, lists
-  )
-  out = out_BTKGV[:, :T].reshape(B, T, N, Hv).astype(q.dtype)
+  out, lse_BKGT = _flash(cfg, q_in, k_in, v_in, dense_bias, bias_fn, sinks_KG, mask, lists)
+  if heads_first:
+    out = _natural(out)
+  out = out[:, :T].reshape(B, T, N, Hv).astype(q.dtype)
   if return_lse:
     return out, lse_BKGT[..., :T].reshape(B, N, T)
   return out
@@ -205,16 +217,28 @@ def blocked_attention(
 # ---------------------------------------------------------------------------------------
 
 
+def _heads_first(x):
+  """[B, T, K, (G,) A] -> [B, K, (G,) T, A]."""
+  return jnp.moveaxis(x, 1, -2)
+
+
+def _natural(x):
+  """[B, K, (G,) T, A] -> [B, T, K, (G,) A]."""
+  return jnp.moveaxis(x, -2, 1)
+
+
 def _tile_logits(cfg, q_KGqH, k_kKH, bias_KGqk, bias_fn, q_idx, kv_idx, transposed):
   """(raw logits scale·q·k, logits after softcap and bias) of one tile, all heads.
 
-  Layout [K, G, bq, bk] for the forward (k tile [bk, K, H]), or [K, bk, G, bq]
-  (``transposed``, k tile [K, bk, H]) for the backward, where every large product then
-  reads its operands as stored.
+  Layout [K, G, bq, bk] for the forward (k tile [bk, K, H], or [K, bk, H] when
+  ``cfg.heads_first``), or [K, bk, G, bq] (``transposed``, k tile [K, bk, H]) for the
+  backward, where every large product then reads its operands as stored.
   """
   K, G, bq, _ = q_KGqH.shape
   if transposed:
     raw = jnp.einsum("ksh,kgqh->ksgq", k_kKH, q_KGqH) * cfg.scale
+  elif cfg.heads_first:
+    raw = jnp.einsum("kgqh,ksh->kgqs", q_KGqH, k_kKH) * cfg.scale
   else:
     raw = jnp.einsum("kgqh,skh->kgqs", q_KGqH, k_kKH) * cfg.scale
   s = raw
@@ -264,7 +288,7 @@ def _bias_tile(cfg, dense_bias, qi, kb):
 
 class _Tile(NamedTuple):
   """What a q block needs to load any of its kv tiles (k / v as [Sp, K, ·] for the
-  forward, head-major [K, Sp, ·] for the backward)."""
+  natural-layout forward, head-major [K, Sp, ·] otherwise)."""
 
   q_KGqH: Array
   q_idx: Array
@@ -282,7 +306,7 @@ def _load_tile(cfg, tile, qi, j, transposed):
   """The j-th listed kv tile of q block qi: (k, v, kv_idx, raw logits, masked logits)."""
   bk = cfg.block_kv
   kb = tile.index_QM[qi, j]
-  axis = 1 if transposed else 0
+  axis = 1 if transposed or cfg.heads_first else 0
   k_tile = jax.lax.dynamic_slice_in_dim(tile.k, kb * bk, bk, axis=axis)
   v_tile = jax.lax.dynamic_slice_in_dim(tile.v, kb * bk, bk, axis=axis)
   kv_idx = kb * bk + jnp.arange(bk)
@@ -300,16 +324,23 @@ def _q_rows(x_TKGA, qi, bq):
   return jax.lax.dynamic_slice_in_dim(x_TKGA, qi * bq, bq, axis=0).transpose(1, 2, 0, 3)
 
 
-def _forward_one(cfg, q_TKGH, k_SKH, v_SKV, dense_bias, bias_fn, sinks_KG, mask, lists, b, trips_Q):
+def _forward_one(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, b, trips_Q):
   count_Q, index_QM, full_QM = lists
-  _, K, G, _ = q_TKGH.shape
-  Hv = v_SKV.shape[-1]
+  # q / k / v: [Tp, K, G, H] / [Sp, K, ·], or [K, G, Tp, H] / [K, Sp, ·] when heads_first.
+  if cfg.heads_first:
+    K, G = q.shape[:2]
+  else:
+    K, G = q.shape[1:3]
+  Hv = v.shape[-1]
   bq = cfg.block_q
 
   def q_block(qi):
-    q_KGqH = _q_rows(q_TKGH, qi, bq)
+    if cfg.heads_first:
+      q_KGqH = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=2)
+    else:
+      q_KGqH = _q_rows(q, qi, bq)
     q_idx = qi * bq + jnp.arange(bq)
-    tile = _Tile(q_KGqH, q_idx, k_SKH, v_SKV, dense_bias, bias_fn, mask, b, index_QM, full_QM)
+    tile = _Tile(q_KGqH, q_idx, k, v, dense_bias, bias_fn, mask, b, index_QM, full_QM)
 
     def kv_step(j, carry, past_list_possible=cfg.lists_batched):
       m_KGq, l_KGq, acc_KGqV = carry
@@ -324,14 +355,15 @@ def _forward_one(cfg, q_TKGH, k_SKH, v_SKV, dense_bias, bias_fn, sinks_KG, mask,
       l_KGq = correction_KGq * l_KGq + p_KGqk.sum(-1)
       if cfg.signed:
         p_KGqk = jnp.sign(s_KGqk) * p_KGqk
-      pv_KGqV = jnp.einsum("kgqs,skv->kgqv", p_KGqk, v_kKV)
+      pv_spec = "kgqs,ksv->kgqv" if cfg.heads_first else "kgqs,skv->kgqv"
+      pv_KGqV = jnp.einsum(pv_spec, p_KGqk, v_kKV)
       acc_KGqV = correction_KGq[..., None] * acc_KGqV + pv_KGqV
       return m_new_KGq, l_KGq, acc_KGqV
 
     empty = (
-      jnp.full((K, G, bq), -jnp.inf, q_TKGH.dtype),
-      jnp.zeros((K, G, bq), q_TKGH.dtype),
-      jnp.zeros((K, G, bq, Hv), q_TKGH.dtype),
+      jnp.full((K, G, bq), -jnp.inf, q.dtype),
+      jnp.zeros((K, G, bq), q.dtype),
+      jnp.zeros((K, G, bq, Hv), q.dtype),
     )
     # The first tile runs outside the loop (a one-tile row runs no loop iteration); a row
     # listing nothing sees its padding entry fully masked.
@@ -348,19 +380,22 @@ def _forward_one(cfg, q_TKGH, k_SKH, v_SKV, dense_bias, bias_fn, sinks_KG, mask,
     safe_l_KGq = jnp.where(empty_KGq, 1.0, l_KGq)
     out_KGqV = acc_KGqV / safe_l_KGq[..., None]
     lse_KGq = jnp.where(empty_KGq, -jnp.inf, m_KGq + jnp.log(safe_l_KGq))
+    if cfg.heads_first:
+      return out_KGqV, lse_KGq
     return out_KGqV.transpose(2, 0, 1, 3), lse_KGq  # rows back in [bq, K, G, Hv]
 
-  out_QqKGV, lse_QKGq = jax.lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
-  out_TKGV = out_QqKGV.reshape(-1, K, G, Hv)
+  out_Q, lse_QKGq = jax.lax.map(q_block, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32))
   lse_KGT = lse_QKGq.transpose(1, 2, 0, 3).reshape(K, G, -1)
-  return out_TKGV, lse_KGT
+  if cfg.heads_first:  # [nQ, K, G, bq, Hv] -> [K, G, Tp, Hv]
+    return out_Q.transpose(1, 2, 0, 3, 4).reshape(K, G, -1, Hv), lse_KGT
+  return out_Q.reshape(-1, K, G, Hv), lse_KGT
 
 
 def _backward_one(
   cfg,
-  q_TKGH,
-  k_SKH,
-  v_SKV,
+  q_KGTH,
+  k_KSH,
+  v_KSV,
   dense_bias,
   bias_fn,
   sinks_KG,
@@ -369,21 +404,18 @@ def _backward_one(
   b,
   delta_KGT,
   lse_KGT,
-  dout_TKGV,
+  dout_KGTV,
   trips_Q,
 ):
+  """One example's gradients from head-major q / k / v / dout: every tile product and
+  every dk / dv update then reads or writes contiguous [bk, ·] rows per head."""
   count_Q, index_QM, full_QM = lists
-  _, K, G, H = q_TKGH.shape
-  Hv = v_SKV.shape[-1]
+  K, G, _, H = q_KGTH.shape
+  Hv = v_KSV.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   R = G * bq
   # Fully masked rows have lse = -inf and only -inf logits: exp(-inf - 0) = 0, no NaN.
   lse_KGT = jnp.where(lse_KGT == -jnp.inf, 0.0, lse_KGT)
-  # Head-major k / v and dk / dv accumulators: every tile product and every dk / dv
-  # update then reads or writes contiguous [bk, ·] rows per head (two passes each way per
-  # call, against a transpose in every tile).
-  k_KSH, v_KSV = k_SKH.transpose(1, 0, 2), v_SKV.transpose(1, 0, 2)
-  q_KGTH, dout_KGTV = q_TKGH.transpose(1, 2, 0, 3), dout_TKGV.transpose(1, 2, 0, 3)
 
   def q_block(carry, qi):
     dk_KSH, dv_KSV, dbias, dfn = carry
@@ -432,19 +464,22 @@ def _backward_one(
       dv_KSV = _add_block(dv_KSV, dv_KkV, kb * bk)
       return dqT_KHR, dk_KSH, dv_KSV, dbias, dfn
 
-    init = (jnp.zeros((K, H, R), q_TKGH.dtype), dk_KSH, dv_KSV, dbias, dfn)
+    init = (jnp.zeros((K, H, R), q_KGTH.dtype), dk_KSH, dv_KSV, dbias, dfn)
     dqT_KHR, dk_KSH, dv_KSV, dbias, dfn = jax.lax.fori_loop(0, trips_Q[qi], kv_step, init)
-    dq_qKGH = dqT_KHR.reshape(K, H, G, bq).transpose(3, 0, 2, 1)
-    return (dk_KSH, dv_KSV, dbias, dfn), dq_qKGH
+    dq_KGHq = dqT_KHR.reshape(K, H, G, bq).transpose(0, 2, 1, 3)
+    if cfg.heads_first:
+      return (dk_KSH, dv_KSV, dbias, dfn), dq_KGHq.transpose(0, 1, 3, 2)  # [K, G, bq, H]
+    return (dk_KSH, dv_KSV, dbias, dfn), dq_KGHq.transpose(3, 0, 1, 2)  # [bq, K, G, H]
 
   dbias0 = None if dense_bias is None else jnp.zeros_like(dense_bias)
   dfn0 = None if bias_fn is None else jax.tree.map(jnp.zeros_like, bias_fn)
   carry0 = (jnp.zeros_like(k_KSH), jnp.zeros_like(v_KSV), dbias0, dfn0)
-  (dk_KSH, dv_KSV, dbias, dfn), dq_QqKGH = jax.lax.scan(
+  (dk_KSH, dv_KSV, dbias, dfn), dq_Q = jax.lax.scan(
     q_block, carry0, jnp.arange(cfg.num_q_blocks, dtype=jnp.int32)
   )
-  dq_TKGH = dq_QqKGH.reshape(-1, K, G, H)
-  return dq_TKGH, dk_KSH.transpose(1, 0, 2), dv_KSV.transpose(1, 0, 2), dbias, dfn
+  if cfg.heads_first:  # [nQ, K, G, bq, H] -> [K, G, Tp, H]
+    return dq_Q.transpose(1, 2, 0, 3, 4).reshape(K, G, -1, H), dk_KSH, dv_KSV, dbias, dfn
+  return dq_Q.reshape(-1, K, G, H), dk_KSH, dv_KSV, dbias, dfn
 
 
 def _magnitude(s):
@@ -532,16 +567,22 @@ def _flash_bwd(cfg, residuals, cotangents):
   dout = dout.astype(out.dtype)
   # d lse / d s_ij = p_ij, so an lse cotangent folds into the softmax-backward row term:
   # ds = p * (dp - delta) with delta = rowsum(dout * out) - dlse.
-  delta_BTKG = (dout * out).sum(-1)
-  delta = delta_BTKG.transpose(0, 2, 3, 1) - dlse.astype(out.dtype)  # [B, K, G, Tp]
+  delta = (dout * out).sum(-1)
+  if not cfg.heads_first:
+    delta = delta.transpose(0, 2, 3, 1)
+  delta = delta - dlse.astype(out.dtype)  # [B, K, G, Tp]
   B = q.shape[0]
   trips = _trips(cfg, lists)
   bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0, None))
   bias = _example_bias(cfg, dense_bias)
+  if not cfg.heads_first:  # the backward's tiles read head-major rows: one pass each
+    q, k, v, dout = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(dout)
   dq, dk, dv, dbias, dfn = bwd(
     q, k, v, bias, bias_fn, sinks_KG, mask, lists, jnp.arange(B), delta, lse, dout, trips
   )
-  # dk/dv: [B, Sp, K, H] already summed over the G query heads of each kv head.
+  if not cfg.heads_first:
+    dk, dv = _natural(dk), _natural(dv)
+  # dk/dv: already summed over the G query heads of each kv head.
   if dense_bias is not None:  # dbias: [B, K', G', Tp', Sp'] -> the broadcast shape
     if not cfg.bias_axes[0]:
       dbias = dbias.sum(0, keepdims=True)
