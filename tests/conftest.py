@@ -39,10 +39,11 @@ def normal(key, shape, dtype):
 
 @pytest.fixture(params=["heads_first", "natural"])
 def both_xla_layouts(request, monkeypatch):
-  """Runs a test once per layout of the blocked xla path: re-laid by heads (what small
-  arrays get) and the natural [B, T, heads, H] layout (what arrays from 8 MiB on get)."""
+  """Runs a test once per layout of the blocked xla path: re-laid by heads (the default)
+  and the natural [B, T, heads, H] layout (large arrays with short tile lists)."""
   from attn_jax.attention import xla
 
-  bound = 0 if request.param == "natural" else 1 << 62
-  monkeypatch.setattr(xla, "NATURAL_LAYOUT_BYTES", bound)
+  natural = request.param == "natural"
+  monkeypatch.setattr(xla, "NATURAL_LAYOUT_BYTES", 0 if natural else 1 << 62)
+  monkeypatch.setattr(xla, "NATURAL_LAYOUT_MAX_TILES", 1 << 30 if natural else 0)
   return request.param

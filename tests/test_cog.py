@@ -13,9 +13,9 @@ from attn_jax.attention import CausalMask, SegmentMask, dot_product_attention
 from attn_jax.attention.reference import attention_reference
 from attn_jax.nn.attention import Attention
 
-
 # Every test runs in both layouts of the blocked path.
 pytestmark = pytest.mark.usefixtures("both_xla_layouts")
+
 
 def close(a, b, tol):
   np.testing.assert_allclose(
