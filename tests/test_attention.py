@@ -27,6 +27,7 @@ from attn_jax.attention import (
   dot_product_attention,
   sliding_window,
 )
+from attn_jax.attention.masks import window_blocks
 from attn_jax.attention.registry import random_segment_ids
 
 # Every test runs in both layouts of the blocked path.
@@ -349,6 +350,23 @@ def test_logits_times_100_do_not_overflow(rng):
   assert_close(out, reference64(q, k, v, mask=CausalMask()), 2e-5)
   g = jax.grad(lambda k: blocked()(q, k, v, mask=CausalMask()).sum())(k)
   assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("S", [56, 52])
+@pytest.mark.parametrize("mask", [ChunkedCausalMask(16), window_blocks(16)])
+def test_chunked_masks_on_tiles_inside_chunks(rng, mask, S):
+  """8 x 8 tiles divide 16-token chunks: with S − T = 16 every listed tile lies in one chunk
+  pair and the chunk compare is dropped (``within_tiles``); with S − T = 12 the q tiles
+  straddle chunks and it must stay. Forward and gradients vs the oracle."""
+  T = 40
+  kqkv, kcot = jax.random.split(rng)
+  q, k, v = make_qkv(kqkv, 1, T, S, 4, 2, 16, 16)
+  cot = jax.random.normal(kcot, (1, T, 4, 16), jnp.float64)
+  _, grads = loss_and_grads(blocked(8, 8), q, k, v, cot, mask=mask)
+  _, grads_ref = loss_and_grads(reference64, q, k, v, cot, mask=mask)
+  assert_close(blocked(8, 8)(q, k, v, mask=mask), reference64(q, k, v, mask=mask), 2e-5)
+  for g, g_ref in zip(grads, grads_ref, strict=True):
+    assert_close(g, g_ref, 1e-4)
 
 
 @pytest.mark.parametrize("mask", [CausalMask(), sliding_window(5), ChunkedCausalMask(6)])

@@ -130,8 +130,11 @@ def test_within_tiles_keeps_visibility_on_non_empty_tiles(rng, tiles):
     M.ChunkSelectionMask(chosen, 8),
     M.ChunkSelectionMask(chosen, 8) & M.CausalMask(),
     M.ChunkSelectionMask(chosen, 8) | M.sliding_window(4),
+    M.ChunkedCausalMask(8),
+    M.ChunkedCausalMask(16) & block_sparse,
+    M.window_blocks(8),
   ):
-    reduced = mask.within_tiles(bq, bk)
+    reduced = mask.within_tiles(bq, bk, q_offset=S - T)
     kinds = np.asarray(mask.block_kinds(T, S, bq, bk))
     listed = np.repeat(np.repeat(kinds != M.EMPTY, bq, -2), bk, -1)[..., :T, :S]
     listed = np.broadcast_to(listed, (2, T, S))
@@ -144,6 +147,12 @@ def test_within_tiles_keeps_visibility_on_non_empty_tiles(rng, tiles):
   assert ((block_sparse & M.CausalMask()).within_tiles(bq, bk) == M.CausalMask()) == divides
   either = block_sparse | M.sliding_window(3)
   assert either.within_tiles(bq, bk) is either  # an or keeps every part
+  # Chunked masks reduce when the tiles sit inside chunks, which depends on the offset.
+  inside = bq in (4, 8) and bk in (4, 8)  # S - T = 16 is a multiple of bq
+  assert (M.ChunkedCausalMask(8).within_tiles(bq, bk, q_offset=S - T) == M.CausalMask()) == inside
+  assert isinstance(M.window_blocks(8).within_tiles(bq, bk, q_offset=S - T), M.FullMask) == inside
+  for offset in (None, 3):  # unknown, or q tiles straddling chunks
+    assert M.ChunkedCausalMask(8).within_tiles(bq, bk, q_offset=offset) == M.ChunkedCausalMask(8)
   # A chunk selection on chunk-aligned kv tiles reads per (query, chunk), not per pair.
   per_chunk = M.ChunkSelectionMask(chosen, 8).within_tiles(bq, bk)
   assert (type(per_chunk) is not M.ChunkSelectionMask) == (bk in (4, 8, 16, 32))

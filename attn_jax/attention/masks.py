@@ -75,10 +75,11 @@ class Mask:
   def check_shapes(self, batch: int, q_len: int, kv_len: int) -> None:
     """Raises ValueError when the arrays inside the mask do not fit the call."""
 
-  def within_tiles(self, block_q: int, block_kv: int) -> "Mask":
+  def within_tiles(self, block_q: int, block_kv: int, *, q_offset: int | None = None) -> "Mask":
     """The mask left to evaluate inside the non-empty tiles of a ``block_q x block_kv``
     tiling: a part whose visibility is constant on every such tile is all-visible there
-    (the block map already skipped the tiles where it is not). Default: the mask itself."""
+    (the block map already skipped the tiles where it is not). ``q_offset`` is the call's
+    (S − T); masks of positions reduce only when it is given. Default: the mask itself."""
     return self
 
   # -- public -------------------------------------------------------------------------
@@ -344,6 +345,11 @@ class _SameChunkMask(_StaticMask):
   def _visible(self, q_idx, kv_idx, q_offset, b):
     return (q_idx + q_offset) // self.chunk == kv_idx // self.chunk
 
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
+    if _tiles_inside_chunks(self.chunk, block_q, block_kv, q_offset):
+      return FullMask()
+    return self
+
   def _any_all(self, q_lo, q_hi, kv_lo, kv_hi, q_offset, xp):
     c = self.chunk
     q_first, q_last = (q_lo + q_offset) // c, (q_hi + q_offset) // c
@@ -351,6 +357,17 @@ class _SameChunkMask(_StaticMask):
     any_ = (kv_last >= q_first) & (kv_first <= q_last)
     all_ = (q_first == q_last) & (kv_first == kv_last) & (q_first == kv_first)
     return any_, all_
+
+
+def _tiles_inside_chunks(chunk, block_q, block_kv, q_offset):
+  """Whether every q tile (positions i·block_q + q_offset onward) and every kv tile lies
+  inside one chunk: the tiles divide the chunk and the q tiles start on tile boundaries."""
+  return (
+    q_offset is not None
+    and chunk % block_q == 0
+    and chunk % block_kv == 0
+    and q_offset % block_q == 0
+  )
 
 
 def window_blocks(window: int) -> Mask:
@@ -371,6 +388,14 @@ class ChunkedCausalMask(_StaticMask):
 
   def _parts(self):
     return CausalMask(), _SameChunkMask(self.chunk)
+
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
+    # A listed tile lies inside one chunk pair when the tiles do not straddle chunks: only
+    # the causal compare is left (T = 4096, chunk = tile = 128, one pinned core, 4 heads:
+    # 11.4 vs 13.2 ms forward).
+    if _tiles_inside_chunks(self.chunk, block_q, block_kv, q_offset):
+      return CausalMask()
+    return self
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
     causal, same = self._parts()
@@ -627,7 +652,7 @@ class BlockSparseMask(Mask):
         f"(T={q_len} in q blocks of {self.block_size[0]})"
       )
 
-  def within_tiles(self, block_q, block_kv):
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
     # A tile inside one listed block is all-visible: nothing to evaluate there.
     bq, bk = self.block_size
     if bq % block_q == 0 and bk % block_kv == 0:
@@ -717,7 +742,7 @@ class ChunkSelectionMask(Mask):
       return sel[b, q, c]
     return sel[:, q, c]
 
-  def within_tiles(self, block_q, block_kv):
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
     # A kv tile aligned to the chunks reads one selection entry per (query, chunk of the
     # tile) rather than one per (query, key) pair: a per-pair gather cost ~70 µs per
     # 128² tile on this CPU, about a quarter of the tile's matmuls and exponentials.
@@ -790,7 +815,7 @@ class _ChunkSelectionInTile(ChunkSelectionMask):
       visible = part if visible is None else visible | part
     return visible
 
-  def within_tiles(self, block_q, block_kv):
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
     return self
 
   def tree_flatten(self):
@@ -953,10 +978,10 @@ class AndMask(_Combined):
     (a1, f1), (a2, f2) = self._parts_any_all(q_lo, q_hi, kv_lo, kv_hi, q_offset, xp)
     return a1 & a2, f1 & f2
 
-  def within_tiles(self, block_q, block_kv):
+  def within_tiles(self, block_q, block_kv, *, q_offset=None):
     # A non-empty tile of a & b is non-empty for both: each part reduces on its own.
-    left = self.left.within_tiles(block_q, block_kv)
-    right = self.right.within_tiles(block_q, block_kv)
+    left = self.left.within_tiles(block_q, block_kv, q_offset=q_offset)
+    right = self.right.within_tiles(block_q, block_kv, q_offset=q_offset)
     if isinstance(left, FullMask):
       return right
     if isinstance(right, FullMask):

@@ -163,7 +163,7 @@ def blocked_attention(
   lists = tuple(jnp.asarray(a) for a in masks_lib.compact_block_kinds(kinds))
   # Inside listed tiles only the parts of the mask that vary within a tile are evaluated
   # (a BlockSparseMask on blocks the tiles divide is all-visible there).
-  mask = mask.within_tiles(bq, bk)
+  mask = mask.within_tiles(bq, bk, q_offset=q_offset)
   masked = not isinstance(mask, masks_lib.FullMask)
 
   def pad_to(x, axis, length):
