@@ -16,6 +16,12 @@ config_flags.DEFINE_config_file("config", None, "config file, path[:arg]", lock_
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, config.json, metrics)")
 flags.DEFINE_string("resume_from", None, "continue from this run directory's latest checkpoint")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+flags.DEFINE_bool(
+  "keep_freed_memory",
+  True,
+  "glibc keeps and reuses freed memory (attn_jax.host_memory): on CPU, XLA scratch above "
+  "32 MiB is otherwise page-faulted in again on every step",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -23,6 +29,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if FLAGS.keep_freed_memory:  # before JAX starts its threads
+    from attn_jax import host_memory
+
+    host_memory.keep_freed_memory()
   import jax
 
   if FLAGS.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):

@@ -76,6 +76,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
+from attn_jax import host_memory  # noqa: E402
 from attn_jax.attention import (  # noqa: E402
   BlockSparseMask,
   CausalMask,
@@ -232,6 +233,13 @@ def parse_args(argv):
     "share of the heads, timing the same cells in step (a barrier before each timed call); "
     "a cell's time is the slowest worker's",
   )
+  p.add_argument(
+    "--keep_freed_memory",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="glibc keeps and reuses freed memory (attn_jax.host_memory), in every process: "
+    "XLA:CPU scratch above 32 MiB is otherwise page-faulted in again on every call",
+  )
   p.add_argument("--out", default=str(RESULTS / "bench_sparse"))
   return p.parse_args(argv)
 
@@ -379,6 +387,8 @@ def _worker(index, args, barrier, shared, queue):
   """One pinned worker of ``--processes``: its share of the heads, in step with the rest."""
   _die_with_parent()
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[index]})  # before XLA starts
+  if args.keep_freed_memory:
+    host_memory.keep_freed_memory()
 
   def agree(x):  # the largest of the workers' values, the same in every worker
     shared[index] = x
@@ -426,6 +436,8 @@ def run_processes(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.keep_freed_memory:  # before XLA starts its threads
+    host_memory.keep_freed_memory()
   impl = args.implementation
   mesh = None
   if args.processes > 1:
@@ -455,6 +467,7 @@ def main(argv=None):
     "reps": args.reps,
     "cpu_devices": args.cpu_devices,
     "processes": args.processes,
+    "keep_freed_memory": args.keep_freed_memory,
   }
   out.with_suffix(".json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=1))
   if mesh is not None:
@@ -466,12 +479,13 @@ def main(argv=None):
     )
   else:
     where = ""
+  memory = ", glibc keeping freed memory (attn_jax.host_memory)" if args.keep_freed_memory else ""
   lines = [
     "# Sparse vs dense causal attention: realised / ideal speedup\n",
     f"B={B}, N={N}, H={H}, float32, block {args.block}, implementation {impl}, backend "
-    f"{jax.default_backend()}{where}; {args.reps} rounds of one dense call and a batch of m "
-    "sparse calls lasting about as long; speedup = median over rounds of dense time / mean "
-    "sparse time. Ideal = causal tiles / sparse tiles; ratio = realised / ideal.\n",
+    f"{jax.default_backend()}{where}{memory}; {args.reps} rounds of one dense call and a "
+    "batch of m sparse calls lasting about as long; speedup = median over rounds of dense "
+    "time / mean sparse time. Ideal = causal tiles / sparse tiles; ratio = realised / ideal.\n",
     f"Command: `{command}`\n",
     "Times are median calls in ms, dense / sparse (m).\n",
     "| T | pattern | target ρ | ideal | fwd ms | fwd speedup | fwd ratio | fwd+bwd ms "
