@@ -15,7 +15,8 @@ How it works:
     of the block sizes: the padded tail of the last kv block is masked, padded query rows
     are dropped. Inside a listed tile only the parts of the mask that vary within it are
     evaluated (``Mask.within_tiles``: a BlockSparseMask whose blocks the tiles divide is
-    all-visible there). Masks holding concrete arrays get their block map on the host.
+    all-visible there, a ChunkedCausalMask whose chunks hold whole tiles only causal).
+    Masks holding concrete arrays get their block map on the host.
   * Per-example lists (batched masks): each q block's kv loop runs the batch's longest
     list, masking the tiles past an example's own (a vmapped loop with per-example trip
     counts would select between old and new dk/dv, whole arrays, at every step).
