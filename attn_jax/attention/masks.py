@@ -390,11 +390,12 @@ class ChunkedCausalMask(_StaticMask):
     return CausalMask(), _SameChunkMask(self.chunk)
 
   def within_tiles(self, block_q, block_kv, *, q_offset=None):
-    # A listed tile lies inside one chunk pair when the tiles do not straddle chunks: only
-    # the causal compare is left (T = 4096, chunk = tile = 128, one pinned core, 4 heads:
-    # 11.4 vs 13.2 ms forward).
-    if _tiles_inside_chunks(self.chunk, block_q, block_kv, q_offset):
-      return CausalMask()
+    # Where the same-chunk part is all-visible on the listed tiles, only the causal compare
+    # is left (T = 4096, chunk = tile = 128, one pinned core, 4 heads: 11.7-12.0 vs
+    # 12.2-12.9 ms forward).
+    causal, same = self._parts()
+    if isinstance(same.within_tiles(block_q, block_kv, q_offset=q_offset), FullMask):
+      return causal
     return self
 
   def _visible(self, q_idx, kv_idx, q_offset, b):
