@@ -22,26 +22,24 @@ How it works:
     counts would select between old and new dk/dv, whole arrays, at every step).
   * Every head of a q block at once: a tile's logits are [K, G, bq, bk], kv head k
     serving its G query heads (GQA/MQA without repeating K/V).
-  * Layout by size and sparsity (measured on one core, 4 heads, H = 64, 128-token tiles).
-    By default the op re-lays q / k / v / out by heads once per call: each kv tile of a
-    head is then contiguous, and dense tiles run fastest this way (T = 8192 causal
-    forward: 587 vs 690 ms in the natural layout). When q reaches ``NATURAL_LAYOUT_BYTES``
-    (16 MiB) and no q block lists more than ``NATURAL_LAYOUT_MAX_TILES`` (8) kv tiles,
-    the forward keeps the natural [B, T, heads, H] layout instead: a q block and a kv
-    block of all heads are contiguous slabs, and the per-call passes, which run from
-    memory once the arrays outgrow the cache, are gone (T = 16384, block-sparse 1/32
-    forward: 104 vs 123 ms; diagonal-only: 55 ms, against 81-84 ms with the earlier
-    per-head tiles). Lists built at run time (traced masks) are as wide as the kv block
-    count, so they always take the heads-first layout. The backward always reads q /
-    k / v / dout head-major and keeps dk / dv head-major, so each tile's products and
-    updates touch contiguous rows per head. q / out / dq stay [B, Tp, N, ·] or
-    [B, N, Tp, ·] (a [.., K, G, ..] loop buffer drew an extra whole-array copy from XLA's
-    layout assignment when G = 1), and each q block's output, or dq, is written in place
-    into the buffer it read its q, or dout, rows from when H == Hv: no output is
-    zero-filled or re-stacked per call (the forward run for a gradient keeps q, which the
-    backward reads). One pinned core, 4 heads, block-sparse 1/32, best of 40 calls in
-    each of three fresh processes: forward 29.7-30.5 ms against 30.6-31.9 ms before at
-    T = 8192, 99.3-101.4 against 101.0-105.5 ms at T = 16384 (natural layout).
+  * Layout by the length of the tile lists (measured on one core, 4 heads, H = 64).
+    The gradient path re-lays q / k / v / dout by heads once per call, so each kv tile of
+    a head is contiguous, and keeps dk / dv head-major: each tile's products and updates
+    touch contiguous rows per head. The forward without gradient does the same when its
+    q blocks list more than ``NATURAL_LAYOUT_MEAN_TILES`` (4) kv tiles on average (the
+    batch's longest lists; lists built at run time count as wide as the kv block count).
+    With shorter lists it keeps the natural [B, T, heads, H] layout: a q block and a kv
+    block of all heads are contiguous slabs, the per-tile transposes cost less than the
+    per-call relayouts of q / k / v / out, which run from memory once the arrays outgrow
+    the cache. Paired calls in one process, 128-token tiles, natural / by heads: forward
+    block-sparse 1/32 0.85-0.89 (T = 4096, 8192), 0.94 (16384), sliding window 1/32
+    0.93-0.94, 4-5 tiles per q block 0.98-1.04, 9 (sliding window 1/8, T = 8192) 1.03;
+    gradients by heads are 1-3% faster at every density measured. q / out / dq stay
+    [B, Tp, N, ·] or [B, N, Tp, ·] (a [.., K, G, ..] loop buffer drew an extra
+    whole-array copy from XLA's layout assignment when G = 1), and each q block's output,
+    or dq, is written in place into the buffer it read its q, or dout, rows from when
+    H == Hv: no output is zero-filled or re-stacked per call (the forward run for a
+    gradient keeps q, which the backward reads).
   * ``custom_vjp``: the forward saves only (q, k, v, out, lse); the backward recomputes
     the probabilities tile by tile (one pass over the same block lists, dq accumulated
     per q block, dk/dv/bias-gradients scattered into their blocks). A dense bias's
@@ -74,11 +72,10 @@ from attn_jax.attention import masks as masks_lib
 # Tile sizes measured fastest on a 2-core x86 CPU for H=64 (experiments/bench_attention.py).
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
-# The op works in the arrays' natural layout when q (padded, in the compute dtype) has at
-# least this size and no q block lists more kv tiles than the second bound; otherwise it
-# re-lays them by heads once per call (module doc).
-NATURAL_LAYOUT_BYTES = 16 << 20
-NATURAL_LAYOUT_MAX_TILES = 8
+# The forward (without gradient) works in the arrays' natural layout when its q blocks
+# list at most this many kv tiles on average; otherwise it re-lays them by heads once per
+# call, as the gradient path always does (module doc).
+NATURAL_LAYOUT_MEAN_TILES = 4
 
 
 def cpu_cores_per_device() -> float:
@@ -114,7 +111,7 @@ class _Config(NamedTuple):
   masked: bool  # a mask (beyond the padding of the last kv block) is present
   lists_batched: bool
   signed: bool = False  # signed weights sign(s)·exp(|s|)/Σexp(|s|) (cog attention)
-  heads_first: bool = False  # q / k / v / out laid out [B, heads, T, ·] inside the op
+  heads_first: bool = False  # the forward without gradient lays q / k / v / out by heads
 
 
 def blocked_attention(
@@ -181,17 +178,18 @@ def blocked_attention(
     widths[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, widths)
 
-  # Large arrays keep their natural [B, T, heads, H] layout (a q or kv block of all heads
-  # is one contiguous slab); small ones are re-laid by heads (module doc).
-  heads_first = (
-    B * Tp * N * H * jnp.dtype(dtype).itemsize < NATURAL_LAYOUT_BYTES
-    or lists[1].shape[-1] > NATURAL_LAYOUT_MAX_TILES
-  )
+  # The forward keeps the natural [B, T, heads, H] layout when its q blocks list few kv
+  # tiles, and re-lays q / k / v / out by heads otherwise; the gradient path always works
+  # by heads (module doc).
+  if isinstance(kinds, np.ndarray):  # known lists: the mean kv tiles per q block
+    counts = (kinds != masks_lib.EMPTY).sum(-1).reshape(-1, nQ)
+    tiles_per_q_block = float(counts.max(0).mean())  # a batch runs its longest lists
+  else:  # lists built in the program: their width bounds the mean
+    tiles_per_q_block = float(lists[1].shape[-1])
+  heads_first = tiles_per_q_block > NATURAL_LAYOUT_MEAN_TILES
   q_in = pad_to(q.astype(dtype), 1, Tp)
   k_in = pad_to(k.astype(dtype), 1, Sp)
   v_in = pad_to(v.astype(dtype), 1, Sp)
-  if heads_first:
-    q_in, k_in, v_in = _heads_first(q_in), _heads_first(k_in), _heads_first(v_in)
 
   dense_bias, bias_fn, bias_axes = None, None, None
   if isinstance(bias, biases_lib.ScoreBias):
@@ -221,8 +219,6 @@ def blocked_attention(
     heads_first=heads_first,
   )
   out, lse_BKGT = _flash(cfg, q_in, k_in, v_in, dense_bias, bias_fn, sinks_KG, mask, lists)
-  if heads_first:
-    out = _natural(out)  # [B, N, Tp, Hv] -> [B, Tp, N, Hv]
   out = out[:, :T].reshape(B, T, N, Hv).astype(q.dtype)
   if return_lse:
     return out, lse_BKGT[..., :T].reshape(B, N, T)
@@ -585,37 +581,41 @@ def _trips(cfg, lists):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists):
-  return _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, True)
+  """Attention of natural-layout [B, Tp, heads, ·] q / k / v; out [B, Tp, N, Hv], lse
+  [B, K, G, Tp]. Without a gradient the forward runs in ``cfg``'s layout."""
+  if not cfg.heads_first:
+    return _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, True)
+  q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+  out, lse = _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, True)
+  return _natural(out), lse
 
 
 def _flash_fwd(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists):
-  # q stays intact: the backward reads it.
+  # The gradient path works by heads: the backward's tiles read head-major rows, and the
+  # forward shares the re-laid q / k / v with it (q stays intact: the backward reads it).
+  cfg = cfg._replace(heads_first=True)
+  q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
   out, lse = _run_forward(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, False)
-  return (out, lse), (q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, out, lse)
+  return (_natural(out), lse), (q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, out, lse)
 
 
 def _flash_bwd(cfg, residuals, cotangents):
+  cfg = cfg._replace(heads_first=True)
   q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, out, lse = residuals
   dout, dlse = cotangents
-  dout = dout.astype(out.dtype)
+  dout = _heads_first(dout.astype(out.dtype))  # [B, N, Tp, Hv]
   # d lse / d s_ij = p_ij, so an lse cotangent folds into the softmax-backward row term:
   # ds = p * (dp - delta) with delta = rowsum(dout * out) - dlse.
-  delta = (dout * out).sum(-1)
-  if not cfg.heads_first:  # [B, Tp, N] -> [B, N, Tp]
-    delta = delta.transpose(0, 2, 1)
-  delta = delta.reshape(lse.shape)
+  delta = (dout * out).sum(-1).reshape(lse.shape)
   delta = delta - dlse.astype(out.dtype)  # [B, K, G, Tp]
   B = q.shape[0]
   trips = _trips(cfg, lists)
   bwd = _vmapped(_backward_one, cfg, dense_bias, extra_axes=(0, 0, 0, None))
   bias = _example_bias(cfg, dense_bias)
-  if not cfg.heads_first:  # the backward's tiles read head-major rows: one pass each
-    q, k, v, dout = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(dout)
   dq, dk, dv, dbias, dfn = bwd(
     q, k, v, bias, bias_fn, sinks_KG, mask, lists, jnp.arange(B), delta, lse, dout, trips
   )
-  if not cfg.heads_first:
-    dq, dk, dv = _natural(dq), _natural(dk), _natural(dv)
+  dq, dk, dv = _natural(dq), _natural(dk), _natural(dv)
   # dk/dv: already summed over the G query heads of each kv head.
   if dense_bias is not None:  # dbias: [B, K', G', Tp', Sp'] -> the broadcast shape
     if not cfg.bias_axes[0]:
