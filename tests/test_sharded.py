@@ -127,6 +127,27 @@ def test_sharded_equals_unsharded_forward_lse_and_grads(rng, mesh, case):
     np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=2e-5)
 
 
+def test_sharded_attention_eager_inputs_committed_to_one_device(rng, mesh):
+  # Arrays a previous computation left on one device (q / k / v, the mask's segment ids, a
+  # dense bias, sink logits) move onto the mesh instead of failing jit's device check.
+  q, k, v = _qkv(rng)
+  B, T, N = q.shape[:3]
+  k1, k2, k3 = jax.random.split(jax.random.fold_in(rng, 2), 3)
+  ids = jnp.sort(jax.random.randint(k1, (B, T), 1, 4), -1)
+  bias = normal(k2, (1, N, T, T), jnp.float32)
+  sinks = normal(k3, (N,), jnp.float32)
+  one = jax.devices()[3]
+  on_one = jax.device_put((q, k, v, ids, bias, sinks), one)
+  assert all(x.committed and x.sharding.device_set == {one} for x in on_one)
+  q1, k1_, v1, ids1, bias1, sinks1 = on_one
+  out = sharded_attention(
+    q1, k1_, v1, mesh=mesh, mask=SegmentMask(ids1) & CausalMask(), bias=bias1, sinks=sinks1
+  )
+  assert out.sharding.device_set == set(mesh.devices.flat)
+  ref = dot_product_attention(q, k, v, mask=SegmentMask(ids) & CausalMask(), bias=bias, sinks=sinks)
+  np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_sharded_attention_bad_input(rng, mesh):
   q, k, v = _qkv(rng)
   with pytest.raises(ValueError, match="batch size B=3 is not divisible by the 4 devices"):

@@ -63,6 +63,31 @@ def _check_committed(name: str, x, allowed: dict[int, tuple[str, ...]]):
       )
 
 
+def _onto_mesh(x, spec: PartitionSpec, mesh: Mesh):
+  """A concrete array committed to devices other than the mesh's (e.g. one device, as a
+  previous computation left it) moved onto the mesh, laid out as ``spec``; anything else
+  as it is (jit and shard_map place uncommitted arrays themselves)."""
+  if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.committed:
+    return x
+  if x.sharding.device_set == set(mesh.devices.flat):
+    return x
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _all_onto_mesh(tree, specs, mesh: Mesh):
+  """``_onto_mesh`` on every array of ``tree`` with its PartitionSpec from ``specs``."""
+  if tree is None:
+    return None
+  if isinstance(specs, PartitionSpec):
+    return jax.tree.map(lambda x: _onto_mesh(x, specs, mesh), tree)
+  return jax.tree.map(
+    lambda spec, x: _onto_mesh(x, spec, mesh),
+    specs,
+    tree,
+    is_leaf=lambda node: isinstance(node, PartitionSpec),
+  )
+
+
 def _mask_specs(mask, batch_spec):
   """A PartitionSpec tree for the mask's arrays: per-example arrays split over the batch."""
   if isinstance(mask, masks_lib.AndMask | masks_lib.OrMask):
@@ -100,6 +125,8 @@ def sharded_attention(
   Per-example mask arrays (segment ids, prefix lengths) follow the batch split; a dense
   bias follows the batch / head split on the dims where it is not broadcast; sink logits
   and the arrays of a ``ScoreBias`` (per-head, leading dim N) follow the head split.
+  Outside jit, input arrays committed to other devices than the mesh's (one device, as a
+  previous computation left them) are moved onto the mesh in that layout first.
   """
   dims = _checks.check_qkv(q, k, v)
   _checks.check_options(dims, mask=mask, bias=bias, sinks=sinks)
@@ -144,5 +171,11 @@ def sharded_attention(
     )
 
   in_specs = (qkv_spec, qkv_spec, qkv_spec, mask_spec, bias_spec, sinks_spec)
+  # Called eagerly on arrays committed elsewhere (one device, say), jit would refuse the
+  # mix of devices: such inputs move onto the mesh first.
+  args = tuple(
+    _all_onto_mesh(x, spec, mesh)
+    for x, spec in zip((q, k, v, mask, bias, sinks), in_specs, strict=True)
+  )
   fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
-  return fn(q, k, v, mask, bias, sinks)
+  return fn(*args)
