@@ -76,10 +76,6 @@ def _onto_mesh(x, spec: PartitionSpec, mesh: Mesh):
 
 def _all_onto_mesh(tree, specs, mesh: Mesh):
   """``_onto_mesh`` on every array of ``tree`` with its PartitionSpec from ``specs``."""
-  if tree is None:
-    return None
-  if isinstance(specs, PartitionSpec):
-    return jax.tree.map(lambda x: _onto_mesh(x, specs, mesh), tree)
   return jax.tree.map(
     lambda spec, x: _onto_mesh(x, spec, mesh),
     specs,

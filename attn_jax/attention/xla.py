@@ -165,7 +165,8 @@ def blocked_attention(
       kinds[..., -1] = np.minimum(kinds[..., -1], masks_lib.PARTIAL)
     else:
       kinds = kinds.at[..., -1].min(masks_lib.PARTIAL)
-  lists = tuple(jnp.asarray(a) for a in masks_lib.compact_block_kinds(kinds))
+  compact = masks_lib.compact_block_kinds(kinds)
+  lists = tuple(jnp.asarray(a) for a in compact)
   # Inside listed tiles only the parts of the mask that vary within a tile are evaluated
   # (a BlockSparseMask on blocks the tiles divide is all-visible there).
   mask = mask.within_tiles(bq, bk, q_offset=q_offset)
@@ -182,7 +183,7 @@ def blocked_attention(
   # tiles, and re-lays q / k / v / out by heads otherwise; the gradient path always works
   # by heads (module doc).
   if isinstance(kinds, np.ndarray):  # known lists: the mean kv tiles per q block
-    counts = (kinds != masks_lib.EMPTY).sum(-1).reshape(-1, nQ)
+    counts = compact[0].reshape(-1, nQ)
     tiles_per_q_block = float(counts.max(0).mean())  # a batch runs its longest lists
   else:  # lists built in the program: their width bounds the mean
     tiles_per_q_block = float(lists[1].shape[-1])
@@ -600,7 +601,6 @@ def _flash_fwd(cfg, q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists):
 
 
 def _flash_bwd(cfg, residuals, cotangents):
-  cfg = cfg._replace(heads_first=True)
   q, k, v, dense_bias, bias_fn, sinks_KG, mask, lists, out, lse = residuals
   dout, dlse = cotangents
   dout = _heads_first(dout.astype(out.dtype))  # [B, N, Tp, Hv]
