@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 STAMP_TEST := $(VENV)/.installed-test
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-slow test-kernels lint format bench bench-quick readme clean
+.PHONY: run test test-slow test-kernels lint format bench bench-quick device-check readme clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) experiments/bench_attention.py --quick
+
+# On a lent GPU / TPU machine, with that machine's own Python and jax (nothing installed):
+# the Pallas kernels compiled, checked against float64 oracles and timed, in one run that
+# fits a short lease (experiments/device_check.py; results in $OUT when set).
+DEVICE_PYTHON ?= python3
+device-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(DEVICE_PYTHON) experiments/device_check.py \
+		--out=$${OUT:-experiments/results/device_check}
 
 readme: $(STAMP)
 	$(PY) -m attn_jax.registry --write-readme README.md

@@ -46,28 +46,7 @@ def random_lists(rs, B, Hs, nQ, nK, *, T, S, Lq, Lk, causal, max_width=None):
 
 def oracle(q, k, v, visible_BHTS, scale=None):
   """Float64 softmax attention under a per-head dense mask; empty rows → 0, lse → -inf."""
-  B, T, N, H = q.shape
-  K = k.shape[2]
-  G = N // K
-  Hs = visible_BHTS.shape[1]
-  vis = visible_BHTS
-  if Hs == K and Hs != N:
-    vis = jnp.repeat(vis, G, axis=1)
-  vis = jnp.broadcast_to(vis, (B, N, T, k.shape[1]))
-  kk = jnp.repeat(k, G, axis=2)
-  vv = jnp.repeat(v, G, axis=2)
-  scale = 1.0 / np.sqrt(H) if scale is None else scale
-  s = jnp.einsum("btnh,bsnh->bnts", q, kk) * scale
-  s = jnp.where(vis, s, -jnp.inf)
-  top = jnp.max(s, -1, keepdims=True)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  p = jnp.exp(s - top)
-  total = p.sum(-1, keepdims=True)
-  lse = jnp.where(
-    total[..., 0] > 0, top[..., 0] + jnp.log(jnp.where(total > 0, total, 1))[..., 0], -jnp.inf
-  )
-  p = p / jnp.where(total > 0, total, 1.0)
-  return jnp.einsum("bnts,bsnv->btnv", p, vv), lse
+  return block_sparse.masked_reference(q, k, v, visible_BHTS, scale)
 
 
 def value_and_grads(f, args, dout, dlse):

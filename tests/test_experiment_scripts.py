@@ -1,7 +1,8 @@
 """Experiment scripts' own logic: the algorithmic-task targets (positional_tasks) against
-brute force, the out-of-distribution range rule, smoke runs of bench_sparse.py and
-bench_linear.py, recall_state.py's state sizes, mqar_heads.py's rows, and (slow)
-two-step smoke runs of positional_tasks.py and diff_attention_maps.py."""
+brute force, the out-of-distribution range rule, smoke runs of bench_sparse.py,
+bench_linear.py and device_check.py (interpret mode), recall_state.py's state sizes,
+mqar_heads.py's rows, and (slow) two-step smoke runs of positional_tasks.py and
+diff_attention_maps.py."""
 
 import itertools
 import json
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench_attention  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_sparse  # noqa: E402
+import device_check  # noqa: E402
 import diff_attention_maps  # noqa: E402
 import mqar_heads  # noqa: E402
 import positional_tasks as pt  # noqa: E402
@@ -125,6 +127,50 @@ def test_bench_sparse_kernel_path_runs(tmp_path):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin two workers")
+def test_device_check_runs_in_interpret_mode(tmp_path):
+  """The device run, with the kernels interpreted on tiny shapes: every correctness case
+  passes against its float64 oracle, and both timing sections write their rows."""
+  result = device_check.main(
+    ["--interpret", "--quick", "--backend=tpu", "--dtype=float32", f"--out={tmp_path}"]
+  )
+  rows = result["correctness"]
+  assert len(rows) == 5 and all(r["passed"] for r in rows), rows
+  assert all(r["worst"] < 1e-5 for r in rows)
+  dense = {r["path"]: r for r in result["dense"]}
+  assert set(dense) == {"kernel", "attn_jax xla", "jax.nn xla"}
+  assert all(r["fwd"] > 0 and r["fwd+bwd"] > 0 for r in dense.values())
+  (sparse,) = result["sparse"]
+  assert sparse["density"] == "1/2" and 1 < sparse["ideal"] < 2 and sparse["fwd ratio"] > 0
+  saved = json.loads((tmp_path / "device_check.json").read_text())
+  assert saved["environment"]["interpret"] and len(saved["correctness"]) == 5
+  assert "5 of 5 passed" in (tmp_path / "device_check.md").read_text()
+
+
+def test_device_check_records_a_failing_case_and_goes_on(tmp_path, monkeypatch):
+  """A case that raises is recorded with its error (not passed) and the others still run;
+  a wrong kernel result fails its tolerance."""
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no kernel")
+
+  monkeypatch.setattr(device_check, "check_block_sparse_lists", broken)
+  wrong = device_check.compare(
+    "wrong",
+    "float32",
+    lambda q, k, v: q * 1.001,
+    lambda q, k, v: q,
+    [np.ones((1, 4, 1, 8))] * 3,
+    np.random.default_rng(0),
+  )
+  assert not wrong["passed"] and abs(wrong["errors"]["out"] - 1e-3) < 1e-5
+  result = device_check.main(
+    ["--interpret", "--quick", "--sections=correctness", f"--out={tmp_path}"]
+  )
+  rows = {r["case"]: r for r in result["correctness"]}
+  assert "no kernel" in rows["block_sparse_lists"]["error"]
+  assert rows["linear_chunk"]["passed"] and rows["delta_chunk"]["passed"]
+
+
 def test_bench_sparse_pinned_processes_merge_the_slowest(tmp_path):
   """--processes=2: two pinned workers with 4 heads each; a cell's time is the slower one's."""
   rows = bench_sparse.main(
