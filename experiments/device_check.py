@@ -4,12 +4,15 @@ then timings, sized to fit a short device lease.
   PYTHONPATH=. python3 experiments/device_check.py --out=$OUT      # on a GPU or TPU machine
   make device-check                                                # the same
   .venv/bin/python experiments/device_check.py --interpret --quick # this CPU, tiny shapes
+  .venv/bin/python experiments/device_check.py --lower=cuda        # lower every call only
 
 It needs only jax, numpy and the repository (no install: ``PYTHONPATH=.`` and the machine's
 own jax). The backend is the default device's (``--backend`` overrides); ``--interpret``
 runs the kernels in Pallas interpret mode instead (the TPU kernels through
-``implementation="pallas_interpret"``), which is how ``make test`` keeps this script
-working on a machine without an accelerator.
+``implementation="pallas_interpret"``), and ``--lower=cuda|tpu`` only lowers every kernel
+call of the full run, at its real sizes, for that platform (each must contain a Pallas
+kernel call): that is how ``make test`` keeps this script working on a machine without an
+accelerator, so that a lease is not spent on a call that cannot compile.
 
 1. Correctness, each case on fresh random inputs (never zeros), forward and the gradients
    of Σ out·w (w random) against a float64 oracle evaluated on the host CPU:
@@ -38,6 +41,7 @@ Writes ``<out>/device_check.json`` and ``<out>/device_check.md`` and prints the 
 """
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -64,12 +68,19 @@ from pallas_kernels import block_sparse
 RESULTS = Path(__file__).resolve().parent / "results" / "device_check"
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 KERNEL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+# What a lowered Pallas kernel call is named in StableHLO, per lowering platform.
+KERNEL_CALLS = {"cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu"), "tpu": ("tpu_custom_call",)}
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--backend", choices=("auto", "gpu", "tpu"), default="auto")
   p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (no device)")
+  p.add_argument(
+    "--lower",
+    choices=("cuda", "tpu"),
+    help="only lower every kernel call of the run for this platform (no device needed)",
+  )
   p.add_argument("--quick", action="store_true", help="tiny shapes, one size per section")
   p.add_argument("--sections", default="correctness,dense,sparse")
   p.add_argument("--ts", default="2048,8192,16384", help="dense timing lengths")
@@ -82,6 +93,8 @@ def parse_args(argv):
   p.add_argument("--budget_s", type=float, default=420.0, help="no new case after this")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
+  if args.lower:
+    args.backend = {"cuda": "gpu", "tpu": "tpu"}[args.lower]
   if args.backend == "auto":
     platform_name = jax.default_backend()
     if platform_name not in KERNEL and not args.interpret:
@@ -124,8 +137,9 @@ def rel_error(got, want):
   return float(np.linalg.norm(got[finite] - want[finite])) / max(norm, 1e-30)
 
 
-def gradients(fn, args, w, *, lse_weight=None):
-  """(out, lse or None, grads of Σ out·w (+ Σ lse·lse_weight) w.r.t. every argument)."""
+def gradients(fn, args, w, *, lse_weight=None, lower_for=None):
+  """(out, lse or None, grads of Σ out·w (+ Σ lse·lse_weight) w.r.t. every argument); with
+  ``lower_for`` only lowers that computation for the platform and returns None."""
 
   def loss(*a):
     res = fn(*a)
@@ -136,13 +150,25 @@ def gradients(fn, args, w, *, lse_weight=None):
     return total, (out, lse)
 
   argnums = tuple(range(len(args)))
-  grads, (out, lse) = jax.jit(jax.grad(loss, argnums, has_aux=True))(*args)
+  grad_fn = jax.jit(jax.grad(loss, argnums, has_aux=True))
+  if lower_for is not None:
+    _lower(grad_fn, args, lower_for)
+    return None
+  grads, (out, lse) = grad_fn(*args)
   return out, lse, grads
 
 
-def compare(name, dtype, fast_fn, ref_fn, arrays, rs, *, with_lse=False):
+def _lower(jitted, args, platform_name):
+  """Lowers ``jitted`` for the platform; raises unless a Pallas kernel call is in it."""
+  text = jitted.trace(*args).lower(lowering_platforms=(platform_name,)).as_text()
+  if not any(f"@{call}" in text for call in KERNEL_CALLS[platform_name]):
+    raise AssertionError(f"no Pallas kernel call in the computation lowered for {platform_name}")
+
+
+def compare(name, dtype, fast_fn, ref_fn, arrays, rs, *, with_lse=False, lower_for=None):
   """Runs ``fast_fn`` on the default device in ``dtype`` and ``ref_fn`` in float64 on the
-  host; returns the case's row."""
+  host; returns the case's row. With ``lower_for``, only lowers ``fast_fn``'s forward and
+  gradients for that platform."""
   cast = [jnp.asarray(a, dtype) for a in arrays]
   out_shape = jax.eval_shape(fast_fn, *cast)
   out_shape = out_shape[0] if isinstance(out_shape, tuple) else out_shape
@@ -150,6 +176,10 @@ def compare(name, dtype, fast_fn, ref_fn, arrays, rs, *, with_lse=False):
   lse_w = None
   if with_lse:
     lse_w = rs.standard_normal(jax.eval_shape(fast_fn, *cast)[1].shape).astype(np.float32)
+  if lower_for is not None:
+    gradients(fast_fn, cast, jnp.asarray(w), lse_weight=lse_w, lower_for=lower_for)
+    log(f"  {name:28s} {dtype:8s} lowered for {lower_for}")
+    return {"case": name, "dtype": dtype, "lowered": lower_for, "passed": True}
   out, lse, grads = gradients(fast_fn, cast, jnp.asarray(w), lse_weight=lse_w)
   jax.block_until_ready(grads)
   with jax.default_device(_host()), jax.enable_x64(True):
@@ -238,7 +268,7 @@ def check_flash(args, impl, rs, case):
 
     return fn
 
-  return compare(name, dtype, attend(impl), attend("reference"), arrays, rs)
+  return compare(name, dtype, attend(impl), attend("reference"), arrays, rs, lower_for=args.lower)
 
 
 def check_block_sparse_lists(args, rs):
@@ -284,7 +314,9 @@ def check_block_sparse_lists(args, rs):
     return block_sparse.masked_reference(q, k, v, visible)
 
   arrays = [rs.standard_normal(s) for s in ((B, T, N, H), (B, T, K, H), (B, T, K, H))]
-  return compare("block_sparse_lists", "float32", fast, ref, arrays, rs, with_lse=True)
+  return compare(
+    "block_sparse_lists", "float32", fast, ref, arrays, rs, with_lse=True, lower_for=args.lower
+  )
 
 
 def check_chunked(args, impl, rs, which):
@@ -305,7 +337,9 @@ def check_chunked(args, impl, rs, which):
 
     return fn
 
-  return compare(f"{which}_chunk", "float32", run(impl), run("reference"), arrays, rs)
+  return compare(
+    f"{which}_chunk", "float32", run(impl), run("reference"), arrays, rs, lower_for=args.lower
+  )
 
 
 def correctness(args, impl, budget):
@@ -365,13 +399,31 @@ def _inputs(args, T, seed):
   return [jnp.asarray(rs.standard_normal(shape), args.dtype) for _ in range(3)]
 
 
+def _paths(attend):
+  """The jitted forward and forward+backward (a squared-output loss) of ``attend``."""
+  loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)  # noqa: E731
+  return {"fwd": jax.jit(attend), "fwd+bwd": jax.jit(jax.grad(loss, (0, 1, 2)))}
+
+
 def _timed_paths(attend, qkv, reps):
   """{fwd, fwd+bwd: seconds} of one attention function."""
-  fwd = jax.jit(attend)
-  grad = jax.jit(
-    jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))
-  )
-  return {"fwd": median_seconds(fwd, qkv, reps), "fwd+bwd": median_seconds(grad, qkv, reps)}
+  return {key: median_seconds(fn, qkv, reps) for key, fn in _paths(attend).items()}
+
+
+def _lower_paths(args, calls, budget):
+  """``--lower``: the timing sections' kernel calls, forward and gradient, lowered only."""
+  rows = []
+  for label, attend, T in calls:
+
+    def one(label=label, attend=attend, T=T):
+      specs = [jax.ShapeDtypeStruct((1, T, args.heads, args.head_dim), args.dtype)] * 3
+      for fn in _paths(attend).values():
+        _lower(fn, specs, args.lower)
+      log(f"  {label}: lowered for {args.lower}")
+      return {"case": label, "dtype": args.dtype, "lowered": args.lower, "passed": True}
+
+    rows.append(_guarded(label, one, budget))
+  return rows
 
 
 def dense_timings(args, impl, budget):
@@ -390,6 +442,9 @@ def dense_timings(args, impl, budget):
     paths["jax.nn cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"
     )
+  if args.lower:
+    ts = [int(t) for t in args.ts.split(",")]
+    return _lower_paths(args, [(f"dense T={T} kernel", paths["kernel"], T) for T in ts], budget)
   rows = []
   for T in [int(t) for t in args.ts.split(",")]:
     qkv = _inputs(args, T, seed=T)
@@ -419,6 +474,14 @@ def sparse_timings(args, impl, budget):
   from bench_sparse import random_block_sparse, tiles
 
   block, rows = 128, []
+  if args.lower:
+    calls = []
+    for T in [int(t) for t in args.sparse_ts.split(",")]:
+      for d in [int(x) for x in args.densities.split(",")]:
+        mask = random_block_sparse(T, block, 1 / d, seed=T + d)
+        attend = functools.partial(dot_product_attention, mask=mask, implementation=impl)
+        calls.append((f"sparse T={T} 1/{d}", attend, T))
+    return _lower_paths(args, calls, budget)
   for T in [int(t) for t in args.sparse_ts.split(",")]:
     qkv = _inputs(args, T, seed=T + 1)
     causal = lambda q, k, v: dot_product_attention(q, k, v, mask=CausalMask(), implementation=impl)  # noqa: E731
@@ -478,6 +541,13 @@ def report(result):
     f"Command: `{env['command']}`",
     "",
   ]
+  if env.get("lower"):
+    rows = [r for name in ("correctness", "dense", "sparse") for r in result.get(name, [])]
+    for r in rows:
+      r["status"] = f"lowered for {r['lowered']}" if r.get("lowered") else r.get("error", "")
+    ok = sum(bool(r.get("lowered")) for r in rows)
+    lines += [f"## Lowering only ({ok} of {len(rows)} calls lowered)", ""]
+    return "\n".join(lines + _table(rows, ["case", "dtype", "status"]) + [""])
   if "correctness" in result:
     rows = result["correctness"]
     passed = sum(bool(r.get("passed")) for r in rows)
@@ -505,7 +575,7 @@ def report(result):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
-  impl = "pallas_interpret" if args.interpret else KERNEL[args.backend]
+  impl = "pallas_interpret" if args.interpret and not args.lower else KERNEL[args.backend]
   budget = Budget(args.budget_s)
   device = jax.devices()[0]
   result = {
@@ -513,6 +583,7 @@ def main(argv=None):
       "device": getattr(device, "device_kind", str(device)),
       "backend": args.backend,
       "interpret": args.interpret,
+      "lower": args.lower,
       "jax": jax.__version__,
       "python": platform.python_version(),
       "command": "python experiments/device_check.py " + " ".join(argv),

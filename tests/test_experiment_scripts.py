@@ -146,6 +146,16 @@ def test_device_check_runs_in_interpret_mode(tmp_path):
   assert "5 of 5 passed" in (tmp_path / "device_check.md").read_text()
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_device_check_lowers_every_kernel_call(tmp_path, platform):
+  """--lower: every call of the full device run (correctness cases and timed kernels, at
+  their real sizes) lowers for the hardware with a Pallas kernel call in it."""
+  result = device_check.main([f"--lower={platform}", f"--out={tmp_path}"])
+  rows = [r for name in ("correctness", "dense", "sparse") for r in result[name]]
+  assert len(rows) == 24 and all(r.get("lowered") == platform for r in rows), rows
+  assert "24 of 24 calls lowered" in (tmp_path / "device_check.md").read_text()
+
+
 def test_device_check_records_a_failing_case_and_goes_on(tmp_path, monkeypatch):
   """A case that raises is recorded with its error (not passed) and the others still run;
   a wrong kernel result fails its tolerance."""
