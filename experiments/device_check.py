@@ -33,7 +33,9 @@ accelerator, so that a lease is not spent on a call that cannot compile.
      kernel's achieved TFLOP/s;
    * block-sparse attention (``bench_sparse.random_block_sparse`` patterns, 128-token
      blocks) at densities 1/2 … 1/32 against the dense causal kernel: realised speedup and
-     realised / ideal (ideal = causal tiles / sparse tiles), as ``bench_sparse.py``.
+     realised / ideal (ideal = causal tiles / sparse tiles), as ``bench_sparse.py``;
+   * the dense causal kernel at ``--tiles_t`` with its default tiles and four other
+     (block_q, block_kv) pairs, to choose the defaults on that hardware.
    Each section stops starting new cases when ``--budget_s`` is spent (they are listed as
    skipped); a case that fails is recorded with its error and the run goes on.
 
@@ -66,6 +68,7 @@ from attn_jax.attention.linear import linear_attention
 from pallas_kernels import block_sparse
 
 RESULTS = Path(__file__).resolve().parent / "results" / "device_check"
+SECTIONS = ("correctness", "dense", "sparse", "tiles")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 KERNEL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 # What a lowered Pallas kernel call is named in StableHLO, per lowering platform.
@@ -82,7 +85,8 @@ def parse_args(argv):
     help="only lower every kernel call of the run for this platform (no device needed)",
   )
   p.add_argument("--quick", action="store_true", help="tiny shapes, one size per section")
-  p.add_argument("--sections", default="correctness,dense,sparse")
+  p.add_argument("--sections", default="correctness,dense,sparse,tiles")
+  p.add_argument("--tiles_t", type=int, default=8192, help="length of the tile sweep")
   p.add_argument("--ts", default="2048,8192,16384", help="dense timing lengths")
   p.add_argument("--sparse_ts", default="8192,16384", help="block-sparse timing lengths")
   p.add_argument("--densities", default="2,4,8,16,32", help="1/ρ of the sparse patterns")
@@ -101,7 +105,7 @@ def parse_args(argv):
       p.error(f"no GPU or TPU here (default backend {platform_name!r}): pass --interpret")
     args.backend = platform_name if platform_name in KERNEL else "tpu"
   if args.quick:
-    args.ts, args.sparse_ts, args.densities = "256", "512", "2"
+    args.ts, args.sparse_ts, args.densities, args.tiles_t = "256", "512", "2", 256
     args.heads, args.head_dim, args.reps = 2, 32, 2
   return args
 
@@ -513,6 +517,48 @@ def sparse_timings(args, impl, budget):
   return rows
 
 
+# Kernel tiles (block_q, block_kv) swept on dense causal attention against the kernel's
+# defaults (GPU 64 x 64; TPU 512 x 512). GPU: powers of two >= 16; TPU: block_q a multiple
+# of 8, block_kv of 128.
+TILES = {
+  "gpu": [(128, 64), (64, 128), (128, 128), (32, 64)],
+  "tpu": [(256, 256), (128, 128), (256, 512), (1024, 512)],
+}
+
+
+def tile_timings(args, impl, budget):
+  """The dense causal kernel at ``--tiles_t`` for each tile pair: which tiles to default to."""
+  T = args.tiles_t
+  pairs = [(None, None)] + [(bq, bk) for bq, bk in TILES[args.backend] if bq <= T and bk <= T]
+  label = lambda bq, bk: "default" if bq is None else f"{bq}x{bk}"  # noqa: E731
+
+  def attend_with(bq, bk):
+    return functools.partial(
+      dot_product_attention, mask=CausalMask(), implementation=impl, block_q=bq, block_kv=bk
+    )
+
+  if args.lower:
+    calls = [(f"tiles T={T} {label(bq, bk)}", attend_with(bq, bk), T) for bq, bk in pairs]
+    return _lower_paths(args, calls, budget)
+  qkv = _inputs(args, T, seed=T + 2)
+  rows = []
+  for bq, bk in pairs:
+
+    def one(bq=bq, bk=bk):
+      times = _timed_paths(attend_with(bq, bk), qkv, args.reps)
+      row = {"T": T, "tiles": label(bq, bk), **{k: 1e3 * v for k, v in times.items()}}
+      log(f"  T={T} tiles {row['tiles']}: fwd {row['fwd']:.3f} ms  fwd+bwd {row['fwd+bwd']:.3f} ms")
+      return row
+
+    rows.append(_guarded(f"tiles T={T} {label(bq, bk)}", one, budget))
+  default = rows[0] if rows and "fwd" in rows[0] else None
+  for row in rows:
+    if default and "fwd" in row:
+      row["fwd vs default"] = row["fwd"] / default["fwd"]
+      row["fwd+bwd vs default"] = row["fwd+bwd"] / default["fwd+bwd"]
+  return rows
+
+
 # ---------------------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------------------
@@ -542,7 +588,7 @@ def report(result):
     "",
   ]
   if env.get("lower"):
-    rows = [r for name in ("correctness", "dense", "sparse") for r in result.get(name, [])]
+    rows = [r for name in SECTIONS for r in result.get(name, [])]
     for r in rows:
       r["status"] = f"lowered for {r['lowered']}" if r.get("lowered") else r.get("error", "")
     ok = sum(bool(r.get("lowered")) for r in rows)
@@ -569,6 +615,10 @@ def report(result):
     cols = ["T", "density", "ideal", "fwd dense ms", "fwd ms", "fwd ratio"]
     cols += ["fwd+bwd dense ms", "fwd+bwd ms", "fwd+bwd ratio"]
     lines += _table(result["sparse"], cols) + [""]
+  if "tiles" in result:
+    lines += ["## Kernel tiles (block_q x block_kv), dense causal (ms, median)", ""]
+    cols = ["T", "tiles", "fwd", "fwd+bwd", "fwd vs default", "fwd+bwd vs default"]
+    lines += _table(result["tiles"], cols) + [""]
   return "\n".join(lines)
 
 
@@ -589,7 +639,12 @@ def main(argv=None):
       "command": "python experiments/device_check.py " + " ".join(argv),
     }
   }
-  sections = {"correctness": correctness, "dense": dense_timings, "sparse": sparse_timings}
+  sections = {
+    "correctness": correctness,
+    "dense": dense_timings,
+    "sparse": sparse_timings,
+    "tiles": tile_timings,
+  }
   for name in args.sections.split(","):
     log(f"== {name} ({budget.elapsed():.0f} s)")
     result[name] = sections[name](args, impl, budget)

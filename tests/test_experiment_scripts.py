@@ -141,6 +141,9 @@ def test_device_check_runs_in_interpret_mode(tmp_path):
   assert all(r["fwd"] > 0 and r["fwd+bwd"] > 0 for r in dense.values())
   (sparse,) = result["sparse"]
   assert sparse["density"] == "1/2" and 1 < sparse["ideal"] < 2 and sparse["fwd ratio"] > 0
+  tiles = [r["tiles"] for r in result["tiles"]]
+  assert tiles == ["default", "256x256", "128x128"]  # the pairs fitting T = 256
+  assert result["tiles"][0]["fwd vs default"] == 1.0
   saved = json.loads((tmp_path / "device_check.json").read_text())
   assert saved["environment"]["interpret"] and len(saved["correctness"]) == 5
   assert "5 of 5 passed" in (tmp_path / "device_check.md").read_text()
@@ -151,9 +154,9 @@ def test_device_check_lowers_every_kernel_call(tmp_path, platform):
   """--lower: every call of the full device run (correctness cases and timed kernels, at
   their real sizes) lowers for the hardware with a Pallas kernel call in it."""
   result = device_check.main([f"--lower={platform}", f"--out={tmp_path}"])
-  rows = [r for name in ("correctness", "dense", "sparse") for r in result[name]]
-  assert len(rows) == 24 and all(r.get("lowered") == platform for r in rows), rows
-  assert "24 of 24 calls lowered" in (tmp_path / "device_check.md").read_text()
+  rows = [r for name in device_check.SECTIONS for r in result[name]]
+  assert len(rows) == 29 and all(r.get("lowered") == platform for r in rows), rows
+  assert "29 of 29 calls lowered" in (tmp_path / "device_check.md").read_text()
 
 
 def test_device_check_records_a_failing_case_and_goes_on(tmp_path, monkeypatch):
