@@ -21,7 +21,7 @@ accelerator, so that a lease is not spent on a call that cannot compile.
      with sinks, softcap with a dense bias, ragged cross attention, packed segments, a
      block-sparse mask (the block-sparse kernel); float32 and bfloat16;
    * the block-sparse kernel called directly with random per-head lists (empty rows
-     included) against ``block_sparse.masked_reference`` of the same lists (out and lse);
+     included) against ``attention_reference`` under the lists' dense mask (out and lse);
    * the chunked linear and delta-rule kernels against their token-scan references.
    Error = ‖fast − oracle‖ / ‖oracle‖ per array; a case passes when every array is finite
    where the oracle is and under the tolerance of its dtype (float32 1e-4: the kernels ask
@@ -60,6 +60,7 @@ import numpy as np
 from attn_jax.attention import (
   CausalMask,
   SegmentMask,
+  attention_reference,
   dot_product_attention,
   sliding_window,
 )
@@ -174,12 +175,10 @@ def compare(name, dtype, fast_fn, ref_fn, arrays, rs, *, with_lse=False, lower_f
   host; returns the case's row. With ``lower_for``, only lowers ``fast_fn``'s forward and
   gradients for that platform."""
   cast = [jnp.asarray(a, dtype) for a in arrays]
-  out_shape = jax.eval_shape(fast_fn, *cast)
-  out_shape = out_shape[0] if isinstance(out_shape, tuple) else out_shape
+  shapes = jax.eval_shape(fast_fn, *cast)
+  out_shape = shapes[0] if isinstance(shapes, tuple) else shapes
   w = rs.standard_normal(out_shape.shape).astype(np.float32)
-  lse_w = None
-  if with_lse:
-    lse_w = rs.standard_normal(jax.eval_shape(fast_fn, *cast)[1].shape).astype(np.float32)
+  lse_w = rs.standard_normal(shapes[1].shape).astype(np.float32) if with_lse else None
   if lower_for is not None:
     gradients(fast_fn, cast, jnp.asarray(w), lse_weight=lse_w, lower_for=lower_for)
     log(f"  {name:28s} {dtype:8s} lowered for {lower_for}")
@@ -315,7 +314,9 @@ def check_block_sparse_lists(args, rs):
     visible = block_sparse.dense_mask(
       jnp.asarray(count), jnp.asarray(idx), q_len=T, kv_len=T, block_size=L, causal=True
     )
-    return block_sparse.masked_reference(q, k, v, visible)
+    visible = jnp.repeat(visible, N // visible.shape[1], axis=1)  # per query head
+    bias = jnp.where(visible, 0.0, -jnp.inf)  # rows that see nothing: out 0, lse -inf
+    return attention_reference(q, k, v, bias=bias, return_lse=True)
 
   arrays = [rs.standard_normal(s) for s in ((B, T, N, H), (B, T, K, H), (B, T, K, H))]
   return compare(

@@ -170,30 +170,6 @@ def dense_mask(kv_count, kv_idx, *, q_len: int, kv_len: int, block_size, causal=
   return visible
 
 
-def masked_reference(q, k, v, visible, scale=None):
-  """The kernels' oracle: naive softmax attention under a per-head token mask ``visible``
-  bool ``[B, Hs, T, S]`` (Hs in {1, K, N}; e.g. ``dense_mask`` of the lists), in the inputs'
-  dtype. Rows that see nothing give out 0 and lse -inf. Returns (out ``[B, T, N, Hv]``,
-  lse ``[B, N, T]``)."""
-  B, T, N, H = q.shape
-  K = k.shape[2]
-  G = N // K
-  vis = visible
-  if vis.shape[1] == K and K != N:
-    vis = jnp.repeat(vis, G, axis=1)
-  vis = jnp.broadcast_to(vis, (B, N, T, k.shape[1]))
-  k_rep, v_rep = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-  scale = 1.0 / np.sqrt(H) if scale is None else scale
-  s = jnp.where(vis, jnp.einsum("btnh,bsnh->bnts", q, k_rep) * scale, -jnp.inf)
-  top = jnp.max(s, -1, keepdims=True)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  p = jnp.exp(s - top)
-  total = p.sum(-1, keepdims=True)
-  safe_total = jnp.where(total > 0, total, 1.0)
-  lse = jnp.where(total[..., 0] > 0, (top + jnp.log(safe_total))[..., 0], -jnp.inf)
-  return jnp.einsum("bnts,bsnv->btnv", p / safe_total, v_rep), lse
-
-
 def block_pair(block_size):
   if isinstance(block_size, int | np.integer) and not isinstance(block_size, bool):
     block_size = (int(block_size), int(block_size))

@@ -19,6 +19,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from test_flash_gpu import triton_modules
 
+from attn_jax.attention import attention_reference
 from pallas_kernels import block_sparse
 
 TOL = 2e-5
@@ -45,8 +46,12 @@ def random_lists(rs, B, Hs, nQ, nK, *, T, S, Lq, Lk, causal, max_width=None):
 
 
 def oracle(q, k, v, visible_BHTS, scale=None):
-  """Float64 softmax attention under a per-head dense mask; empty rows → 0, lse → -inf."""
-  return block_sparse.masked_reference(q, k, v, visible_BHTS, scale)
+  """Float64 softmax attention (``attention_reference``) under a per-head dense mask
+  [B, Hs, T, S], Hs in {1, K, N}, as a -inf bias; empty rows → 0, lse → -inf."""
+  N = q.shape[2]
+  visible_BNTS = jnp.repeat(visible_BHTS, N // visible_BHTS.shape[1], axis=1)
+  bias = jnp.where(visible_BNTS, 0.0, -jnp.inf)
+  return attention_reference(q, k, v, bias=bias, scale=scale, return_lse=True)
 
 
 def value_and_grads(f, args, dout, dlse):
